@@ -1,0 +1,180 @@
+"""The integer golden model: the single source of truth for what the hardware computes.
+
+Every function takes integer mantissas (``torch.int64``), integer LSB exponents and integer
+constants, and returns integers. Nothing here is float except the exact float64 path of
+:func:`conv2d_acc`, taken only when every partial sum is provably below 2**53 (so float64
+addition is exact in any order); otherwise the reduction runs in int64.
+
+The RTL (``hw/``) is compared to these functions with ``==`` on every element; the rules are
+named in ``docs/arithmetic.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .formats import BFPFormat
+from .functional import div_round_half_even, requantize
+
+__all__ = [
+    "conv_alignment",
+    "conv2d_acc",
+    "conv2d",
+    "linear",
+    "add",
+    "concat",
+    "max_pool2d",
+    "global_avg_pool",
+    "apply_activation",
+    "accumulator_bound",
+]
+
+_EXACT_F64 = 1 << 53
+
+
+def _per_input_channel(x_lsb: torch.Tensor | int, c_in: int) -> torch.Tensor:
+    t = torch.as_tensor(x_lsb, dtype=torch.int64).reshape(-1)
+    return t.expand(c_in).clone() if t.numel() == 1 else t
+
+
+def conv_alignment(x_lsb: torch.Tensor | int, w_lsb: torch.Tensor, groups: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rule A1/A2: accumulator LSB and alignment shifts of a conv.
+
+    ``x_lsb`` is per input channel ``[C]`` (or a scalar), ``w_lsb`` per (filter, input channel of
+    the filter's group) ``[O, C/groups]``. The product of channel c for filter o has LSB
+    ``x_lsb[c] + w_lsb[o, c]``; the accumulator of filter o is anchored at the smallest of those
+    (``acc_lsb[o]``) and every channel's partial sum is shifted left by
+    ``shift[o, c] = x_lsb[c] + w_lsb[o, c] - acc_lsb[o] >= 0`` (exact, no rounding).
+    Returns ``(acc_lsb [O], shift [O, C/groups])``.
+    """
+    o, cg = w_lsb.shape
+    x_c = _per_input_channel(x_lsb, cg * groups)
+    # input channel index seen by filter o at position j: (o // (O/groups)) * cg + j
+    og = o // groups
+    idx = (torch.arange(o)[:, None] // og) * cg + torch.arange(cg)[None, :]
+    prod_lsb = x_c[idx] + w_lsb
+    acc_lsb = prod_lsb.amin(dim=1)
+    return acc_lsb, prod_lsb - acc_lsb[:, None]
+
+
+def accumulator_bound(w: torch.Tensor, shift: torch.Tensor, bias: torch.Tensor | None,
+                      x_max: int) -> torch.Tensor:
+    """Largest |accumulator| any input with |x| <= x_max can produce, per filter ``[O]``:
+    ``|bias| + x_max * sum |w << shift|`` (worst-case accumulation, rule A4)."""
+    w4 = w.reshape(w.shape[0], w.shape[1], -1).abs().to(torch.int64)
+    s = (w4 * torch.bitwise_left_shift(torch.ones_like(shift), shift)[:, :, None]).sum(dim=(1, 2))
+    b = bias.abs() if bias is not None else torch.zeros_like(s)
+    return b + s * x_max
+
+
+def conv2d_acc(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor, w_lsb: torch.Tensor,
+               bias: torch.Tensor | None = None, stride: int | Sequence[int] = 1,
+               padding: int | Sequence[int] = 0, groups: int = 1
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer conv accumulator (rules A1-A4, B1).
+
+    ``x``: ``[N, C, H, W]`` mantissas; ``w``: ``[O, C/groups, kh, kw]`` mantissas; ``bias``:
+    ``[O]`` already on the accumulator LSB (see :func:`conv_alignment`). Zero padding.
+    Returns ``(acc [N, O, Ho, Wo], acc_lsb [O])``; ``acc`` is exact (no wrap, no rounding).
+    """
+    acc_lsb, shift = conv_alignment(x_lsb, w_lsb, groups)
+    w_al = w.to(torch.int64) * torch.bitwise_left_shift(
+        torch.ones_like(shift), shift).reshape(shift.shape + (1,) * (w.dim() - 2))
+    x_max = int(x.abs().max()) if x.numel() else 0
+    bound = int(accumulator_bound(w, shift, bias, x_max).max()) if w.numel() else 0
+    if bound < _EXACT_F64:
+        acc = F.conv2d(x.to(torch.float64), w_al.to(torch.float64), None, stride, padding, 1, groups)
+        acc = acc.to(torch.int64)
+    else:  # exact but slower
+        acc = F.conv2d(x.to(torch.int64), w_al, None, stride, padding, 1, groups)
+    if bias is not None:
+        acc = acc + bias.to(torch.int64)[None, :, None, None]
+    return acc, acc_lsb
+
+
+def apply_activation(m: torch.Tensor, activation: str | None, clamp_max: int | None = None
+                     ) -> torch.Tensor:
+    """Rule R4: activations act on requantized mantissas. ``"relu"``: ``max(m, 0)``;
+    ``"relu6"``: ``min(max(m, 0), clamp_max)`` with ``clamp_max`` = 6 quantized on the output
+    LSB (rule R5). ``None``: identity."""
+    if activation is None:
+        return m
+    if activation == "relu":
+        return m.clamp(min=0)
+    if activation == "relu6":
+        if clamp_max is None:
+            raise ValueError("relu6 needs clamp_max (6 on the output LSB)")
+        return m.clamp(0, clamp_max)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor, w_lsb: torch.Tensor,
+           bias: torch.Tensor | None, out_lsb: torch.Tensor | int, fmt: BFPFormat,
+           stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, groups: int = 1,
+           activation: str | None = None, clamp_max: int | None = None) -> torch.Tensor:
+    """Integer BFP conv: accumulate (A1-A4, B1), requantize each filter to ``out_lsb`` (R3),
+    then the activation (R4). ``out_lsb`` is a scalar or per output channel ``[O]``."""
+    acc, acc_lsb = conv2d_acc(x, x_lsb, w, w_lsb, bias, stride, padding, groups)
+    out_l = torch.as_tensor(out_lsb, dtype=torch.int64).reshape(-1).expand(w.shape[0])
+    shift = (out_l - acc_lsb)[None, :, None, None]
+    return apply_activation(requantize(acc, shift, fmt), activation, clamp_max)
+
+
+def linear(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor, w_lsb: torch.Tensor,
+           bias: torch.Tensor | None, out_lsb: torch.Tensor | int | None, fmt: BFPFormat,
+           activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer FC layer = a 1×1 conv on a 1×1 image. ``x``: ``[N, I]``, ``w``: ``[O, I]``.
+
+    With ``out_lsb=None`` the output is the raw accumulator (rule R6, classifier logits).
+    Returns ``(y [N, O], y_lsb [O])``.
+    """
+    acc, acc_lsb = conv2d_acc(x[:, :, None, None], x_lsb, w[:, :, None, None], w_lsb, bias)
+    acc = acc[:, :, 0, 0]
+    if out_lsb is None:
+        return apply_activation(acc, activation), acc_lsb
+    out_l = torch.as_tensor(out_lsb, dtype=torch.int64).reshape(-1).expand(w.shape[0])
+    y = apply_activation(requantize(acc, (out_l - acc_lsb)[None, :], fmt), activation)
+    return y, out_l.clone()
+
+
+def _chan(t: torch.Tensor | int, ndim: int) -> torch.Tensor:
+    v = torch.as_tensor(t, dtype=torch.int64).reshape(-1)
+    return v.reshape((1, -1) + (1,) * (ndim - 2)) if v.numel() > 1 else v.reshape(())
+
+
+def add(a: torch.Tensor, a_lsb: torch.Tensor | int, b: torch.Tensor, b_lsb: torch.Tensor | int,
+        joint_lsb: torch.Tensor | int, out_lsb: torch.Tensor | int, fmt: BFPFormat,
+        activation: str | None = None, clamp_max: int | None = None) -> torch.Tensor:
+    """Rule E1, residual add: both operands are requantized onto the jointly calibrated
+    ``joint_lsb`` (a no-op for an operand already there, the usual case), added exactly
+    (one carry bit), requantized to ``out_lsb`` and activated."""
+    ja = requantize(a, _chan(joint_lsb, a.dim()) - _chan(a_lsb, a.dim()), fmt)
+    jb = requantize(b, _chan(joint_lsb, b.dim()) - _chan(b_lsb, b.dim()), fmt)
+    s = ja + jb
+    return apply_activation(requantize(s, _chan(out_lsb, s.dim()) - _chan(joint_lsb, s.dim()), fmt),
+                            activation, clamp_max)
+
+
+def concat(xs: Sequence[torch.Tensor], lsbs: Sequence[torch.Tensor | int],
+           out_lsb: torch.Tensor | int, fmt: BFPFormat) -> torch.Tensor:
+    """Rule E2, concat along channels: every branch is requantized onto the one output
+    exponent (calibrated on the concatenated tensor), then concatenated."""
+    return torch.cat([requantize(x, _chan(out_lsb, x.dim()) - _chan(l, x.dim()), fmt)
+                      for x, l in zip(xs, lsbs)], dim=1)
+
+
+def max_pool2d(x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
+    """Rule P1: max pooling on mantissas of one exponent; padded positions never win."""
+    y = F.max_pool2d(x.to(torch.float64), kernel_size, stride, padding)
+    return y.to(torch.int64)
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """Rule P2: global average = sum over H×W divided by H·W, rounded half to even; the LSB
+    exponent is unchanged. ``[N, C, H, W] -> [N, C]`` (a host step)."""
+    n, c, h, w = x.shape
+    return div_round_half_even(x.to(torch.int64).sum(dim=(2, 3)), h * w)
