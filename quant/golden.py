@@ -96,8 +96,8 @@ def conv2d_acc(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor, w_ls
     return acc, acc_lsb
 
 
-def apply_activation(m: torch.Tensor, activation: str | None, clamp_max: int | None = None
-                     ) -> torch.Tensor:
+def apply_activation(m: torch.Tensor, activation: str | None,
+                     clamp_max: int | torch.Tensor | None = None) -> torch.Tensor:
     """Rule R4: activations act on requantized mantissas. ``"relu"``: ``max(m, 0)``;
     ``"relu6"``: ``min(max(m, 0), clamp_max)`` with ``clamp_max`` = 6 quantized on the output
     LSB (rule R5). ``None``: identity."""
@@ -108,14 +108,15 @@ def apply_activation(m: torch.Tensor, activation: str | None, clamp_max: int | N
     if activation == "relu6":
         if clamp_max is None:
             raise ValueError("relu6 needs clamp_max (6 on the output LSB)")
-        return m.clamp(0, clamp_max)
+        return torch.minimum(m.clamp(min=0), torch.as_tensor(clamp_max, dtype=torch.int64))
     raise ValueError(f"unknown activation {activation!r}")
 
 
 def conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor, w_lsb: torch.Tensor,
            bias: torch.Tensor | None, out_lsb: torch.Tensor | int, fmt: BFPFormat,
            stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, groups: int = 1,
-           activation: str | None = None, clamp_max: int | None = None) -> torch.Tensor:
+           activation: str | None = None, clamp_max: int | torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Integer BFP conv: accumulate (A1-A4, B1), requantize each filter to ``out_lsb`` (R3),
     then the activation (R4). ``out_lsb`` is a scalar or per output channel ``[O]``."""
     acc, acc_lsb = conv2d_acc(x, x_lsb, w, w_lsb, bias, stride, padding, groups)
@@ -148,7 +149,8 @@ def _chan(t: torch.Tensor | int, ndim: int) -> torch.Tensor:
 
 def add(a: torch.Tensor, a_lsb: torch.Tensor | int, b: torch.Tensor, b_lsb: torch.Tensor | int,
         joint_lsb: torch.Tensor | int, out_lsb: torch.Tensor | int, fmt: BFPFormat,
-        activation: str | None = None, clamp_max: int | None = None) -> torch.Tensor:
+        activation: str | None = None, clamp_max: int | torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Rule E1, residual add: both operands are requantized onto the jointly calibrated
     ``joint_lsb`` (a no-op for an operand already there, the usual case), added exactly
     (one carry bit), requantized to ``out_lsb`` and activated."""

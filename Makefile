@@ -1,0 +1,40 @@
+# dynacc: every target sets itself up from nothing (venv + packages) on first use.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+MODEL   ?= resnet50
+HW      ?= configs/hw/default.yaml
+JOBS    ?= auto
+STAMP   := $(VENV)/.dynacc-setup
+
+.PHONY: setup test test-fast gen bench fpga clean help
+
+help:
+	@echo "make gen MODEL=resnet50 [HW=configs/hw/default.yaml]   generate RTL + layer program + reports"
+	@echo "make test                                             unit tests + RTL co-simulation"
+	@echo "make bench                                            long benchmarks -> build/bench/*.json"
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,fpga]"
+	@touch $@
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -n $(JOBS) -q tests sim
+
+test-fast: setup
+	$(PY) -m pytest -n $(JOBS) -q tests
+
+gen: setup
+	$(PY) -m dynacc.gen --model $(MODEL) --hw $(HW)
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build

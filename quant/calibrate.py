@@ -1,0 +1,42 @@
+"""Offline calibration: float model -> calibrated :class:`~dynacc.quant.program.BFPProgram`.
+
+BN is folded, every quantization point gets an observer (``cfg.method``: max exponent or the
+Static BFP KL search), calibration images run through the float graph, and the chosen shared
+exponents are frozen into the integer program. Residual-add operands share one observer, so
+both are calibrated jointly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .formats import QuantConfig
+from .graph import FloatGraph, trace
+from .observers import make_observer
+from .program import BFPProgram, build_program, iter_observed, quant_points
+
+__all__ = ["calibrate_graph", "calibrate"]
+
+
+@torch.no_grad()
+def calibrate_graph(graph: FloatGraph, batches: Iterable[torch.Tensor], cfg: QuantConfig,
+                    progress: bool = True) -> BFPProgram:
+    """Observe every quantization point of ``graph`` on ``batches`` and build the program."""
+    observers = {p: make_observer(cfg) for p in quant_points(graph)}
+    it = tqdm(batches, desc=f"calibrate ({cfg.method})", unit="batch", disable=not progress,
+              leave=False)
+    channels = iter_observed(graph, it, lambda p, t: observers[p](t))
+    if not channels:
+        raise ValueError("calibration needs at least one batch of images")
+    exps = {p: obs.calculate_qparams().to(torch.int64) for p, obs in observers.items()}
+    return build_program(graph, cfg, exps, channels)
+
+
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], cfg: QuantConfig,
+              progress: bool = True) -> BFPProgram:
+    """Trace ``model`` (eval mode, BN folded) and calibrate it on ``batches``."""
+    return calibrate_graph(trace(model), batches, cfg, progress)
