@@ -65,9 +65,15 @@ def accumulator_bound(w: torch.Tensor, shift: torch.Tensor, bias: torch.Tensor |
                       x_max: int) -> torch.Tensor:
     """Largest |accumulator| any input with |x| <= x_max can produce, per filter ``[O]``:
     ``|bias| + x_max * sum |w << shift|`` (worst-case accumulation, rule A4)."""
-    w4 = w.reshape(w.shape[0], w.shape[1], -1).abs().to(torch.int64)
-    s = (w4 * torch.bitwise_left_shift(torch.ones_like(shift), shift)[:, :, None]).sum(dim=(1, 2))
-    b = bias.abs() if bias is not None else torch.zeros_like(s)
+    w4 = w.reshape(w.shape[0], w.shape[1], -1).abs()
+    b = bias.abs().to(torch.int64) if bias is not None else torch.zeros(w.shape[0], dtype=torch.int64)
+    approx = ((w4.double() * torch.pow(2.0, shift.double())[:, :, None]).sum(dim=(1, 2)) * x_max
+              + b.double())
+    if w.numel() and float(approx.max()) >= 2.0 ** 62:
+        raise OverflowError(f"accumulator bound {float(approx.max()):.3g} does not fit 63 bits; "
+                            "reduce the weight align_span")
+    s = (w4.to(torch.int64) * torch.bitwise_left_shift(torch.ones_like(shift), shift)[:, :, None]
+         ).sum(dim=(1, 2))
     return b + s * x_max
 
 
@@ -164,9 +170,17 @@ def add(a: torch.Tensor, a_lsb: torch.Tensor | int, b: torch.Tensor, b_lsb: torc
 def concat(xs: Sequence[torch.Tensor], lsbs: Sequence[torch.Tensor | int],
            out_lsb: torch.Tensor | int, fmt: BFPFormat) -> torch.Tensor:
     """Rule E2, concat along channels: every branch is requantized onto the one output
-    exponent (calibrated on the concatenated tensor), then concatenated."""
-    return torch.cat([requantize(x, _chan(out_lsb, x.dim()) - _chan(l, x.dim()), fmt)
-                      for x, l in zip(xs, lsbs)], dim=1)
+    exponent (calibrated on the concatenated tensor), then concatenated. ``out_lsb`` is a
+    scalar or per output channel."""
+    out_l = torch.as_tensor(out_lsb, dtype=torch.int64).reshape(-1)
+    total = sum(x.shape[1] for x in xs)
+    out_l = out_l.expand(total) if out_l.numel() == 1 else out_l
+    parts, start = [], 0
+    for x, l in zip(xs, lsbs):
+        c = x.shape[1]
+        parts.append(requantize(x, _chan(out_l[start:start + c], x.dim()) - _chan(l, x.dim()), fmt))
+        start += c
+    return torch.cat(parts, dim=1)
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> torch.Tensor:

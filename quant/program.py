@@ -213,7 +213,8 @@ class BFPProgram:
                 y = fq(xs[0], o.joint_lsb) + fq(xs[1], o.joint_lsb)
                 y = self._float_act(fq(y, o.out_lsb), o)
             elif o.kind == "concat":
-                y = torch.cat([fq(v, o.out_lsb) for v in xs], 1)
+                bounds = torch.tensor([0] + [v.shape[1] for v in xs]).cumsum(0).tolist()
+                y = torch.cat([fq(v, o.out_lsb[a:b]) for v, a, b in zip(xs, bounds, bounds[1:])], 1)
             elif o.kind == "maxpool":
                 y = F.max_pool2d(xs[0], o.kernel, o.stride, o.padding)
             elif o.kind == "avgpool":
