@@ -24,12 +24,14 @@ __all__ = ["calibrate_graph", "calibrate"]
 
 @torch.no_grad()
 def calibrate_graph(graph: FloatGraph, batches: Iterable[torch.Tensor], cfg: QuantConfig,
-                    progress: bool = True) -> BFPProgram:
-    """Observe every quantization point of ``graph`` on ``batches`` and build the program."""
+                    progress: bool = True, shapes: dict[str, tuple[int, ...]] | None = None
+                    ) -> BFPProgram:
+    """Observe every quantization point of ``graph`` on ``batches`` and build the program.
+    ``shapes`` (if given) receives every tensor's per-image shape."""
     observers = {p: make_observer(cfg) for p in quant_points(graph)}
     it = tqdm(batches, desc=f"calibrate ({cfg.method})", unit="batch", disable=not progress,
               leave=False)
-    channels = iter_observed(graph, it, lambda p, t: observers[p](t))
+    channels = iter_observed(graph, it, lambda p, t: observers[p](t), shapes)
     if not channels:
         raise ValueError("calibration needs at least one batch of images")
     exps = {p: obs.calculate_qparams().to(torch.int64) for p, obs in observers.items()}
@@ -37,6 +39,7 @@ def calibrate_graph(graph: FloatGraph, batches: Iterable[torch.Tensor], cfg: Qua
 
 
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], cfg: QuantConfig,
-              progress: bool = True) -> BFPProgram:
+              progress: bool = True, shapes: dict[str, tuple[int, ...]] | None = None
+              ) -> BFPProgram:
     """Trace ``model`` (eval mode, BN folded) and calibrate it on ``batches``."""
-    return calibrate_graph(trace(model), batches, cfg, progress)
+    return calibrate_graph(trace(model), batches, cfg, progress, shapes)

@@ -320,10 +320,12 @@ def build_program(graph: FloatGraph, cfg: QuantConfig, exponents: dict[str, torc
 
 
 def iter_observed(graph: FloatGraph, batches: Iterable[torch.Tensor],
-                  on_point: Callable[[str, torch.Tensor], None]) -> dict[str, int]:
+                  on_point: Callable[[str, torch.Tensor], None],
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:
     """Run float batches and hand each quantization point's observed tensors to
     ``on_point(point, tensor)``: a node's pre-activation output for its own point, the actual
-    operand tensors for a joint point. Returns each node's output channel count."""
+    operand tensors for a joint point. Returns each node's output channel count; ``shapes``
+    (if given) receives each node's per-image output shape."""
     points = quant_points(graph)
     channels: dict[str, int] = {}
     for x in batches:
@@ -332,6 +334,8 @@ def iter_observed(graph: FloatGraph, batches: Iterable[torch.Tensor],
         graph.forward(x, record=post, pre_activation=pre)
         for name, t in post.items():
             channels[name] = t.shape[1]
+            if shapes is not None:
+                shapes[name] = tuple(t.shape[1:])
         for point, srcs in points.items():
             joint = point.endswith(".joint")
             for s in srcs:

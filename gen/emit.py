@@ -1,0 +1,27 @@
+"""Emit the engine's Verilog and its port metadata (the interface between gen, sim and sw)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from amaranth.back import verilog
+
+from dynacc.hw.config import HwConfig
+
+__all__ = ["emit_engine"]
+
+
+def emit_engine(hw: HwConfig, out_dir: Path, name: str = "conv_engine") -> Path:
+    """Write ``<name>.v`` and ``<name>.component.json`` into ``out_dir``; returns the .v path."""
+    from dynacc.hw.conv_engine import ConvEngine
+
+    engine = ConvEngine(hw)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = verilog.convert(engine, name=name, emit_src=False)
+    v = out_dir / f"{name}.v"
+    v.write_text(text)
+    (out_dir / f"{name}.component.json").write_text(
+        json.dumps(engine.metadata.as_json(), indent=1, sort_keys=True) + "\n")
+    return v

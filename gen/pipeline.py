@@ -1,0 +1,180 @@
+"""``make gen``: a pipeline of named steps, model → calibrated program → layer program →
+Verilog → reports, written atomically to ``build/<model>/``.
+
+Steps (each ``step_<name>(state) -> state``, timed and logged):
+
+* ``model``: build the model; load ``--checkpoint`` or use seeded random weights (said so),
+  with BN statistics settled on seeded random images.
+* ``calibrate``: BN folding + offline exponents (KL by default) on seeded calibration images.
+* ``layer_program``: map onto the engine of the hardware config (clear error per layer).
+* ``verilog``: emit the engine's Verilog and its port metadata.
+* ``report``: ``report.json`` + ``report.md``.
+
+Same inputs give byte-identical files (no timestamps; seeded everything).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from dynacc.hw.config import HwConfig
+from dynacc.quant.calibrate import calibrate
+from dynacc.quant.checkpoint import load_checkpoint, save_checkpoint
+from dynacc.quant.data import random_images
+from dynacc.quant.formats import QuantConfig, WeightBlocking
+from dynacc.quant.models import DATASET_NUM_CLASSES, DEFAULT_DATASET, build_model, input_shape
+from dynacc.quant.program import BFPProgram
+
+from .layer_program import LayerProgram, build_layer_program
+from .report import report_dict, report_markdown
+
+__all__ = ["GenOptions", "GenState", "STEPS", "run"]
+
+log = logging.getLogger("dynacc.gen")
+
+
+@dataclasses.dataclass
+class GenOptions:
+    model: str
+    hw: HwConfig
+    out_dir: Path
+    checkpoint: str | None = None
+    method: str = "kl"
+    calib_images: int = 4
+    seed: int = 0
+    dataset: str | None = None
+
+
+@dataclasses.dataclass
+class GenState:
+    opts: GenOptions
+    work: Path
+    model: torch.nn.Module | None = None
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    random_weights: bool = False
+    program: BFPProgram | None = None
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    layer_program: LayerProgram | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def step_model(st: GenState) -> GenState:
+    o = st.opts
+    dataset = o.dataset or DEFAULT_DATASET[o.model]
+    shape = input_shape(o.model, dataset)
+    kwargs = {"num_classes": DATASET_NUM_CLASSES[dataset], "in_channels": shape[0]}
+    if o.checkpoint:
+        ck = load_checkpoint(o.checkpoint, expect_model=o.model)
+        st.model, st.model_kwargs = ck.model, ck.model_kwargs or kwargs
+    else:
+        log.warning("no --checkpoint: %s uses seeded random weights (BN settled on random "
+                    "images); cycle counts are exact, accuracy is meaningless", o.model)
+        torch.manual_seed(o.seed)
+        model = build_model(o.model, **kwargs)
+        model.train()
+        with torch.no_grad():
+            for i in range(2):
+                model(random_images(4, shape, seed=o.seed + 100 + i))
+        st.model, st.model_kwargs, st.random_weights = model.eval(), kwargs, True
+    st.model_kwargs = dict(st.model_kwargs)
+    st.model_kwargs.setdefault("in_channels", shape[0])
+    return st
+
+
+def step_calibrate(st: GenState) -> GenState:
+    o = st.opts
+    shape = input_shape(o.model, o.dataset or DEFAULT_DATASET[o.model])
+    cfg = QuantConfig(weights=WeightBlocking(group=64, align_span=o.hw.align_span),
+                      method=o.method)
+    cfg = dataclasses.replace(cfg, fmt=o.hw.fmt)
+    batches = [random_images(1, shape, seed=o.seed + 1000 + i) for i in range(o.calib_images)]
+    st.program = calibrate(st.model, batches, cfg, progress=True, shapes=st.shapes)
+    save_checkpoint(st.work / "calibrated.pt", o.model, st.model_kwargs, st.model, st.program,
+                    meta={"random_weights": st.random_weights, "quant": cfg.to_dict(),
+                          "calib_images": o.calib_images, "seed": o.seed})
+    return st
+
+
+def step_layer_program(st: GenState) -> GenState:
+    st.layer_program = build_layer_program(st.opts.model, st.program, st.shapes, st.opts.hw)
+    _write_json(st.work / "program.json", st.layer_program.to_dict())
+    return st
+
+
+def step_verilog(st: GenState) -> GenState:
+    from .emit import emit_engine
+    emit_engine(st.opts.hw, st.work / "rtl")
+    return st
+
+
+def step_report(st: GenState) -> GenState:
+    rep = report_dict(st.layer_program)
+    rep["random_weights"] = st.random_weights
+    _write_json(st.work / "report.json", rep)
+    _write_text(st.work / "report.md", report_markdown(rep))
+    _write_text(st.work / "hw.yaml", yaml.safe_dump(st.opts.hw.to_dict(), sort_keys=True))
+    return st
+
+
+STEPS: list[tuple[str, Callable[[GenState], GenState]]] = [
+    ("model", step_model),
+    ("calibrate", step_calibrate),
+    ("layer_program", step_layer_program),
+    ("verilog", step_verilog),
+    ("report", step_report),
+]
+
+
+def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
+    """Run the pipeline into a temporary folder, then move it onto ``opts.out_dir``
+    (an error leaves the previous output untouched and no partial folder)."""
+    wanted = steps or [n for n, _ in STEPS]
+    unknown = set(wanted) - {n for n, _ in STEPS}
+    if unknown:
+        raise ValueError(f"unknown gen step(s) {sorted(unknown)}; steps: {[n for n, _ in STEPS]}")
+    out = Path(opts.out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    st = GenState(opts, work)
+    try:
+        for name, fn in STEPS:
+            if name not in wanted:
+                continue
+            t0 = time.perf_counter()
+            log.info("step %s ...", name)
+            st = fn(st)
+            st.timings[name] = time.perf_counter() - t0
+            log.info("step %s done in %.2f s", name, st.timings[name])
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(work, out)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    st.work = out
+    return st

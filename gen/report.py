@@ -1,0 +1,90 @@
+"""Generator reports: ``report.json`` (machine-readable) and ``report.md`` (for people).
+
+Per engine layer: MACs, ideal cycles (MACs / K²), analytic cycles of this RTL, utilization,
+memory words; totals for the network. Measured RTL cycles are added by ``sim`` runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .layer_program import EngineLayer, HostStep, LayerProgram
+
+__all__ = ["report_dict", "report_markdown"]
+
+
+def _memory(layer: EngineLayer, k: int) -> dict[str, int]:
+    return {
+        "act_in_words": layer.height * layer.width * layer.in_words,
+        "act_out_words": layer.out_height * layer.out_width * layer.tiles,
+        "weight_words": layer.tiles * layer.kernel * layer.kernel * layer.in_words,
+        "weight_bits": layer.tiles * layer.kernel * layer.kernel * layer.in_words * k * k,
+    }
+
+
+def report_dict(lp: LayerProgram) -> dict[str, Any]:
+    k = lp.hw.lanes
+    fmt_bits = lp.hw.mantissa_bits
+    layers = []
+    for s in lp.engine_layers:
+        mem = _memory(s, k)
+        mem["weight_bits"] *= fmt_bits
+        layers.append({
+            "name": s.name, "kind": s.kind, "in_channels": s.in_channels,
+            "out_channels": s.out_channels, "in_hw": [s.height, s.width],
+            "out_hw": [s.out_height, s.out_width], "kernel": s.kernel, "stride": s.stride,
+            "groups": s.groups, "im2col": s.im2col, "residual": s.residual,
+            "macs": s.macs, "ideal_cycles": s.ideal_cycles, "cycles": s.cycles,
+            "utilization": round(s.utilization, 4), "acc_bits_needed": s.acc_bits_needed,
+            "memory": mem,
+        })
+    host = [s.to_dict() for s in lp.steps if isinstance(s, HostStep)]
+    macs = sum(l["macs"] for l in layers)
+    ideal = sum(l["ideal_cycles"] for l in layers)
+    cycles = sum(l["cycles"] for l in layers)
+    return {
+        "model": lp.model,
+        "hw": lp.hw.to_dict(),
+        "layers": layers,
+        "host_steps": host,
+        "totals": {
+            "engine_layers": len(layers), "host_steps": len(host), "macs": macs,
+            "ideal_cycles": ideal, "cycles": cycles,
+            "utilization": round(ideal / cycles, 4) if cycles else 0.0,
+            "acc_bits_needed": max((l["acc_bits_needed"] for l in layers), default=0),
+            "max_act_words": max((max(l["memory"]["act_in_words"], l["memory"]["act_out_words"])
+                                  for l in layers), default=0),
+            "max_weight_words": max((l["memory"]["weight_words"] for l in layers), default=0),
+        },
+    }
+
+
+def report_markdown(rep: dict[str, Any]) -> str:
+    t = rep["totals"]
+    hw = rep["hw"]
+    lines = [
+        f"# {rep['model']} on the BFP engine `{hw['name']}`",
+        "",
+        f"{hw['lanes']}×{hw['lanes']} lanes ({hw['lanes'] ** 2} MACs/cycle), "
+        f"M = {hw['mantissa_bits']} bits, accumulator {hw['acc_bits']} bits "
+        f"(worst case needed: {t['acc_bits_needed']}).",
+        "",
+        f"**{t['engine_layers']} engine layers, {t['host_steps']} host steps, "
+        f"{t['macs'] / 1e9:.3f} GMAC, {t['cycles']:,} cycles "
+        f"(ideal {t['ideal_cycles']:,}), utilization {100 * t['utilization']:.1f} %.**",
+        "",
+        "| layer | C→O | in | k/s | MACs | ideal cycles | RTL cycles (analytic) | util. | acc bits |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for l in rep["layers"]:
+        note = " (im2col)" if l["im2col"] else ""
+        note += f" (+{l['residual']})" if l["residual"] else ""
+        note += f" (groups {l['groups']})" if l["groups"] > 1 else ""
+        lines.append(
+            f"| {l['name']}{note} | {l['in_channels']}→{l['out_channels']} | "
+            f"{l['in_hw'][0]}×{l['in_hw'][1]} | {l['kernel']}/{l['stride']} | {l['macs']:,} | "
+            f"{l['ideal_cycles']:,} | {l['cycles']:,} | {100 * l['utilization']:.1f} % | "
+            f"{l['acc_bits_needed']} |")
+    lines += ["", "Host steps: " + ", ".join(f"{h['name']} ({h['kind']})" for h in rep["host_steps"]),
+              ""]
+    return "\n".join(lines)
