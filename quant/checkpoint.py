@@ -87,11 +87,13 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state)
 
 
-def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None,
+                    model_kwargs: dict[str, Any] | None = None) -> Checkpoint:
     """Load and validate a checkpoint written by :func:`save_checkpoint`.
 
     A plain ``state_dict`` file (e.g. a torchvision ResNet-50 checkpoint) is accepted when
-    ``expect_model`` names the model; it then has no calibrated program.
+    ``expect_model`` names the model (built with ``model_kwargs``); it then has no calibrated
+    program.
     """
     path = Path(path)
     if not path.is_file():
@@ -114,7 +116,7 @@ def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) ->
         return Checkpoint(name, obj["model_kwargs"], model.eval(), program, obj.get("meta", {}))
     if isinstance(obj, dict) and expect_model is not None and all(
             isinstance(v, torch.Tensor) for v in obj.values()):
-        model = build_model(expect_model)
+        model = build_model(expect_model, **(model_kwargs or {}))
         load_state_dict_checked(model, obj, f"state_dict {str(path)!r}")
-        return Checkpoint(expect_model, {}, model.eval(), None, {})
+        return Checkpoint(expect_model, dict(model_kwargs or {}), model.eval(), None, {})
     raise CheckpointError(f"{str(path)!r} is not a dynacc checkpoint")

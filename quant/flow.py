@@ -57,7 +57,7 @@ def prepare_float_model(model_name: str, splits: DataSplits, checkpoint: str | N
     """Load float weights from ``checkpoint`` or train from scratch on ``splits.train``."""
     kwargs = {"num_classes": splits.num_classes, "in_channels": splits.shape[0]}
     if checkpoint is not None:
-        ck = load_checkpoint(checkpoint, expect_model=model_name)
+        ck = load_checkpoint(checkpoint, expect_model=model_name, model_kwargs=kwargs)
         if ck.model_kwargs and ck.model_kwargs != kwargs:
             raise ValueError(f"checkpoint {checkpoint!r} was made for {ck.model_kwargs}, "
                              f"the data needs {kwargs}")
@@ -93,3 +93,30 @@ def calibrate_and_evaluate(model: nn.Module, splits: DataSplits, cfg: QuantConfi
 
 def iter_test_images(splits: DataSplits) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     yield from splits.test
+
+
+def cached_digits_model(model_name: str, cache_dir: str | os.PathLike = "build/cache",
+                        epochs: int = 6, seed: int = 0, progress: bool = False
+                        ) -> tuple[nn.Module, DataSplits]:
+    """A digits-trained float model, trained once and cached as a checkpoint.
+
+    Concurrent callers (pytest-xdist workers) serialize on a lock file, so the model is
+    trained once per cache folder; the cache key includes the epochs and seed.
+    """
+    import fcntl
+    from pathlib import Path
+
+    from .checkpoint import save_checkpoint
+
+    splits = load_data(model_name, "digits", seed=seed)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{model_name}-digits-e{epochs}-s{seed}.pt"
+    with open(cache / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return load_checkpoint(path, expect_model=model_name).model, splits
+        model, kwargs = prepare_float_model(model_name, splits, epochs=epochs, seed=seed,
+                                            progress=progress)
+        save_checkpoint(path, model_name, kwargs, model, meta={"epochs": epochs, "seed": seed})
+    return model, splits

@@ -30,7 +30,7 @@ def train_float(model: nn.Module, train: DataLoader, epochs: int = 10, lr: float
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             n += len(y)
         bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
     return model.eval()

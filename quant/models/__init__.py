@@ -13,7 +13,7 @@ Input geometry (``input_shape(name, dataset)`` -> ``(C, H, W)``):
 ============  ==================  ==============================
 dataset       digits_net          every other model
 ============  ==================  ==============================
-``digits``    ``(1, 8, 8)``       ``(1, 32, 32)`` (bilinear upsample)
+``digits``    ``(1, 8, 8)``       ``(1, 16, 16)`` (bilinear upsample)
 ``cifar10``   ``(3, 32, 32)``     ``(3, 32, 32)``
 ``imagenet``  ``(3, 224, 224)``   ``(3, 224, 224)``
 ============  ==================  ==============================
@@ -64,7 +64,7 @@ DEFAULT_DATASET: dict[str, str] = {
 DATASET_NUM_CLASSES: dict[str, int] = {"digits": 10, "cifar10": 10, "imagenet": 1000}
 
 _DATASET_SHAPE: dict[str, tuple[int, int, int]] = {
-    "digits": (1, 32, 32),
+    "digits": (1, 16, 16),  # 2x upsampled: stages at 16, 8, 4 px
     "cifar10": (3, 32, 32),
     "imagenet": (3, 224, 224),
 }

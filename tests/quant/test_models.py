@@ -213,7 +213,7 @@ def test_unknown_model_error() -> None:
 def test_input_shape() -> None:
     assert input_shape("digits_net", "digits") == (1, 8, 8)
     assert input_shape("digits_net") == (1, 8, 8)
-    assert input_shape("resnet20", "digits") == (1, 32, 32)
+    assert input_shape("resnet20", "digits") == (1, 16, 16)
     assert input_shape("resnet20") == (3, 32, 32)
     assert input_shape("resnet74", "cifar10") == (3, 32, 32)
     assert input_shape("resnet50") == (3, 224, 224)
