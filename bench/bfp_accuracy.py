@@ -1,5 +1,5 @@
 """BFP accuracy sweep: digits-trained ResNet-20, FP vs integer-golden BFP accuracy for
-M in {4..8} × {max, kl}. Writes build/bench/bfp_accuracy.json.
+M in {4..8} × {max, kl, kl-paper}. Writes build/bench/bfp_accuracy.json.
 
 Targets: M = 8 with KL loses <= 0.3 points; KL >= max at M <= 6.
 """
@@ -38,7 +38,7 @@ def main() -> int:
     results = []
     fp_acc = None
     for m in [int(v) for v in args.mantissas.split(",")]:
-        for method in ("max", "kl"):
+        for method in ("max", "kl", "kl-paper"):
             cfg = QuantConfig.from_dict({"mantissa_bits": m, "method": method})
             _, acc = calibrate_and_evaluate(model, splits, cfg, args.calib_images, progress=False)
             fp_acc = acc["fp_acc"]

@@ -109,7 +109,7 @@ class ActivationBlocking:
             _check_int("activation group", self.group, 1, 1 << 20)
 
 
-_METHODS = ("max", "kl")
+_METHODS = ("max", "kl", "kl-paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,9 @@ class QuantConfig:
     fmt: BFPFormat = BFPFormat()
     weights: WeightBlocking = WeightBlocking()
     activations: ActivationBlocking = ActivationBlocking()
-    #: activation exponent method: "max" or "kl" (weights always use the max exponent)
+    #: activation exponent method (weights always use the max exponent): "max", "kl" (KL
+    #: search with level expansion) or "kl-paper" (KL on the histogram of quantized values,
+    #: exactly as the Static BFP code)
     method: str = "kl"
     #: number of KL candidates below the max exponent (ê_max, ê_max-1, ... ê_max-n+1)
     kl_candidates: int = 3

@@ -22,6 +22,11 @@ one exponent list, so the *same observer instance* is simply called on both oper
 output and the block input). Every statistic kept here is a sum or a max over all elements
 seen, so this is identical to observing the two tensors concatenated along the batch axis.
 
+Performance: the KL observer's per-batch work is one ``aminmax`` pass plus a fine histogram
+built by :func:`_scaled_floor_histogram`, which temporarily sets ``torch.set_num_threads(1)``
+(restored on exit) and streams the tensor in L2-sized chunks; ``calculate_qparams`` is
+``O(candidates * bins)`` per group, also single-threaded.
+
 Exposed
     :class:`MaxExponentObserver`   max element exponent (rule Q3, exact)
     :class:`KLExponentObserver`    Static BFP KL-divergence search, streaming
@@ -30,9 +35,10 @@ Exposed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -59,37 +65,52 @@ def _check_group(group: Any) -> int:
     return group
 
 
-#: Elements per chunk of the fine-histogram pipeline: below ATen's parallel grain size (32768),
-#: so every kernel runs serially in the calling thread (no parallel-region barriers, which cost
-#: a scheduler quantum each when the CPU is oversubscribed) on data that stays in L1/L2.
-_CHUNK = 32512
+#: Elements per chunk of the fine-histogram pipeline (float32 + int32 scratch: 1 MiB, L2-sized).
+_CHUNK = 1 << 17
 _scratch = threading.local()
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """Temporarily run ATen kernels of this thread with ``n`` intra-op threads."""
+    saved = torch.get_num_threads()
+    if saved == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _scaled_floor_histogram(x: torch.Tensor, scale: float, offset: float, bins: int
                             ) -> torch.Tensor:
-    """``bincount(floor(x * scale) + offset)`` of a flat float32 tensor, int64 ``[bins]``.
+    """``bincount(floor(x * scale) + offset)`` of a flat float32 CPU tensor, int64 ``[bins]``.
 
     Exact when ``scale`` is a power of two ``>= 1`` and every ``floor(x * scale) + offset`` lies
-    in ``[0, bins)`` with ``bins <= 2**24``. Runs in cache-sized chunks through reused
-    (thread-local) scratch buffers, so the only main-memory traffic is one read of ``x``.
+    in ``[0, bins)`` with ``bins <= 2**24``. Runs single-threaded in cache-sized chunks through
+    reused (thread-local) scratch buffers: the only main-memory traffic is one read of ``x``, and
+    there is no parallel region per chunk (ATen parallelises ``floor`` from a few thousand
+    elements on; on an oversubscribed CPU every parallel-region barrier costs a scheduler
+    quantum, which made a multi-threaded chunk loop 100x slower).
     """
     bufs = getattr(_scratch, "bufs", None)
-    if bufs is None or bufs[0].device != x.device or bufs[0].numel() != _CHUNK:
-        bufs = (torch.empty(_CHUNK, dtype=torch.float32, device=x.device),
-                torch.empty(_CHUNK, dtype=torch.int32, device=x.device))
+    if bufs is None or bufs[0].numel() != _CHUNK:
+        bufs = (torch.empty(_CHUNK, dtype=torch.float32), torch.empty(_CHUNK, dtype=torch.int32))
         _scratch.bufs = bufs
     fbuf, ibuf = bufs
     parts = []
-    for start in range(0, x.numel(), _CHUNK):
-        chunk = x[start:start + _CHUNK]
-        n = chunk.numel()
-        y = torch.mul(chunk, scale, out=fbuf[:n])
-        y.floor_().add_(offset)
-        idx = ibuf[:n]
-        idx.copy_(y)
-        parts.append(torch.bincount(idx, minlength=bins))
-    return torch.stack(parts).sum(0)
+    with _intra_op_threads(1):
+        for start in range(0, x.numel(), _CHUNK):
+            chunk = x[start:start + _CHUNK]
+            n = chunk.numel()
+            y = torch.mul(chunk, scale, out=fbuf[:n])
+            y.floor_().add_(offset)
+            idx = ibuf[:n]
+            idx.copy_(y)
+            parts.append(torch.bincount(idx, minlength=bins))
+        return torch.stack(parts).sum(0)
 
 
 class ExponentObserverBase(nn.Module):
@@ -253,7 +274,8 @@ class KLExponentObserver(ExponentObserverBase):
        ``h_i -= eps * n_zero / n_nonzero`` for the others (``eps = 1e-4``); then ``p = h/Σh``;
     5. ``KL(p || q_e) = Σ_i p_i (log p_i - log q_e,i)`` (the original's ``F.kl_div`` mean
        reduction only divides by the bin count, the argmin is the same);
-    6. ``ê_opt = argmin_e KL``, ties to the larger exponent; ``ê`` when every candidate is skipped.
+    6. ``ê_opt = argmin_e KL``, ties to the larger exponent; ``ê`` when every candidate is
+       skipped.
 
     **Reference bins** (an exact, documented adaptation of the notes' bins of width
     ``(max-min)/128`` over ``[floor(min), ceil(max)]``): width ``W = 2**j`` with
@@ -297,9 +319,14 @@ class KLExponentObserver(ExponentObserverBase):
 
     MAX_REF_BINS = 4096
 
+    VARIANTS = ("expand", "paper")
+
     def __init__(self, fmt: BFPFormat = BFPFormat(), group: int = -1, candidates: int = 3,
-                 bins: int | None = None, eps: float = 1e-4) -> None:
+                 bins: int | None = None, eps: float = 1e-4, variant: str = "expand") -> None:
         super().__init__(fmt, group)
+        if variant not in self.VARIANTS:
+            raise ValueError(f"variant must be one of {self.VARIANTS}, not {variant!r}")
+        self.variant = variant
         if isinstance(candidates, bool) or not isinstance(candidates, int) \
                 or not 1 <= candidates <= 8:
             raise ValueError(f"candidates must be an integer in [1, 8], not {candidates!r}")
@@ -318,18 +345,21 @@ class KLExponentObserver(ExponentObserverBase):
         self.eps = float(eps)
         self.register_buffer("anchor", torch.empty(0, dtype=torch.int64))
         self.register_buffer("histogram", torch.empty(0, 0, dtype=torch.int64))
+        self.register_buffer("zeros", torch.empty(0, dtype=torch.int64))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, candidates={self.candidates}, bins={self.bins}"
+        return (f"{super().extra_repr()}, candidates={self.candidates}, bins={self.bins}, "
+                f"variant={self.variant!r}")
 
     def _init_state(self, channels: int, n_groups: int, device: torch.device) -> None:
         super()._init_state(channels, n_groups, device)
         self.anchor = torch.full((n_groups,), _ZERO_EXP, dtype=torch.int64, device=device)
         self.histogram = torch.zeros((n_groups, self.bins), dtype=torch.int64, device=device)
+        self.zeros = torch.zeros((n_groups,), dtype=torch.int64, device=device)
 
     # ------------------------------------------------------------------------ fine histogram
     def _rebin(self, shift: torch.Tensor) -> None:
-        """Re-anchor group ``g`` ``shift[g] >= 0`` exponents higher: bins merge ``2**shift``-wise."""
+        """Re-anchor group ``g`` ``shift[g] >= 0`` exponents higher (``2**shift``-wise merge)."""
         half = self.bins // 2
         d = shift.clamp(0, self.log2_bins)
         t = torch.arange(self.bins, device=d.device) - half
@@ -343,7 +373,8 @@ class KLExponentObserver(ExponentObserverBase):
         s = torch.where(zero, torch.zeros_like(anchor), k - 2 - anchor)  # y = x * 2**s
         s_list = s.tolist()
         lo_s, hi_s = min(s_list), max(s_list)
-        fast = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and 0 <= lo_s <= hi_s <= 126
+        fast = (x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                and 0 <= lo_s <= hi_s <= 126)
         if n_groups == 1:
             scale: Any = 2.0 ** hi_s
             offset: Any = float(half)
@@ -393,6 +424,17 @@ class KLExponentObserver(ExponentObserverBase):
         # an all-zero history only has counts in the centre bin, which no re-anchoring moves
         self.anchor.copy_(new_anchor)
         self.histogram.add_(self._batch_histogram(x, new_anchor))
+        if self.variant == "expand":
+            self.zeros.add_(self._zero_counts(x))
+
+    def _zero_counts(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact zeros per group (ReLU outputs are full of them)."""
+        if self.num_groups == 1:
+            return torch.count_nonzero(x == 0).reshape(1).to(torch.int64)
+        dims = (0,) + tuple(range(2, x.dim()))
+        per_c = torch.count_nonzero(x == 0, dim=dims)
+        return torch.bincount(self._channel_group(x.shape[1], x.device), weights=per_c.double(),
+                              minlength=self.num_groups).to(torch.int64)
 
     # ---------------------------------------------------------------------------- KL search
     def _smooth(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -410,7 +452,63 @@ class KLExponentObserver(ExponentObserverBase):
     def divergences(self) -> list[dict[int, float]]:
         """``KL(p || q_e)`` of every evaluated candidate ``e``, one dict per group (empty when the
         search does not run: zero group or ``ê_max`` outside the exponent range)."""
-        return [self._search(g)[1] for g in range(self.num_groups)]
+        self._require_data()
+        with _intra_op_threads(1):
+            return [self._dispatch(g)[1] for g in range(self.num_groups)]
+
+    def _dispatch(self, g: int) -> tuple[int, dict[int, float]]:
+        return self._search_expand(g) if self.variant == "expand" else self._search(g)
+
+    def _search_expand(self, g: int) -> tuple[int, dict[int, float]]:
+        """Level-expansion KL (TensorRT/MXNet entropy calibration, on BFP candidates).
+
+        On the fine bins: ``p`` is the histogram restricted to the candidate's representable
+        range ``|m| <= 2**(M-1) - 1`` with the clipped mass added to the two edge bins; ``q``
+        spreads each quantization level's mass (of the unclipped slice) uniformly over that
+        level's non-empty fine bins. Both are MXNet-smoothed; ``KL(p || q)``, argmin, ties to the
+        larger exponent. Unlike the paper's histogram of quantized values (variant ``"paper"``),
+        ``q`` is not a comb of isolated spikes, so the comparison stays meaningful at M <= 6.
+        Exact zeros are left out: every candidate represents them exactly, and a ReLU's spike at
+        zero would otherwise pull the choice towards needlessly small exponents.
+        """
+        fmt = self.fmt
+        a = int(self.anchor[g])
+        if a == _ZERO_EXP or a < fmt.min_exponent:
+            return fmt.min_exponent, {}
+        if a > fmt.max_exponent:
+            return fmt.max_exponent, {}
+        w_exp = a + 2 - self.log2_bins
+        hist = self.histogram[g].to(torch.float64).clone()
+        hist[self.bins // 2] -= float(self.zeros[g])  # exact zeros sit in the bin [0, w)
+        t = torch.arange(self.bins, dtype=torch.int64, device=hist.device) - self.bins // 2
+        best, best_kl, kls = a, math.inf, {}
+        for i in range(self.candidates):
+            e = a - i
+            if e < fmt.min_exponent:
+                break
+            step = 1 << (fmt.lsb(e) - w_exp)  # LSB in fine units (>= 2)
+            m = torch.div(2 * t + 1 + step, 2 * step, rounding_mode="floor")
+            inside = m.abs() <= fmt.max_mantissa
+            idx = torch.nonzero(inside).flatten()
+            lo, hi = int(idx[0]), int(idx[-1])
+            sliced = hist[lo:hi + 1]
+            pc = sliced.clone()
+            pc[0] += hist[:lo].sum()
+            pc[-1] += hist[hi + 1:].sum()
+            level = (m[lo:hi + 1] + fmt.max_mantissa).to(torch.int64)
+            n_levels = 2 * fmt.max_mantissa + 1
+            mass = torch.bincount(level, weights=sliced, minlength=n_levels)
+            nonzero = (pc != 0).to(torch.float64)
+            count = torch.bincount(level, weights=nonzero, minlength=n_levels)
+            q = torch.where(nonzero > 0, mass[level] / count[level].clamp(min=1), torch.zeros_like(pc))
+            ps, qs = self._smooth(pc), self._smooth(q)
+            if ps is None or qs is None:
+                continue
+            kl = float((ps * (torch.log(ps) - torch.log(qs))).sum())
+            kls[e] = kl
+            if kl < best_kl:
+                best, best_kl = e, kl
+        return best, kls
 
     def _search(self, g: int) -> tuple[int, dict[int, float]]:
         fmt, k = self.fmt, self.log2_bins
@@ -457,7 +555,8 @@ class KLExponentObserver(ExponentObserverBase):
             if e < fmt.min_exponent:
                 break
             lsb = fmt.lsb(e)
-            q_max = math.ldexp(float(quantize(torch.tensor(mx, dtype=torch.float64), lsb, fmt)), lsb)
+            q_mant = quantize(torch.tensor(mx, dtype=torch.float64), lsb, fmt)
+            q_max = math.ldexp(float(q_mant), lsb)  # Q_e is monotone: max of Q_e(x) = Q_e(max)
             if q_max < math.ldexp(lo_u, w_exp):
                 continue
             assert lsb - w_exp >= 1, "K >= M + candidates guarantees w <= LSB/2"
@@ -477,16 +576,19 @@ class KLExponentObserver(ExponentObserverBase):
     def calculate_qparams(self) -> torch.Tensor:
         """KL-optimal shared exponent per group, int64 ``[G]``."""
         self._require_data()
-        out = [self._search(g)[0] for g in range(self.num_groups)]
+        with _intra_op_threads(1):  # O(bins) work per group: small kernels, no parallel regions
+            out = [self._dispatch(g)[0] for g in range(self.num_groups)]
         return torch.tensor(out, dtype=torch.int64, device=self.anchor.device)
 
 
 def make_observer(cfg: QuantConfig) -> ExponentObserverBase:
-    """The activation observer named by ``cfg.method`` ("max" | "kl"), with
+    """The activation observer named by ``cfg.method`` ("max" | "kl" | "kl-paper"), with
     ``cfg.activations.group``, ``cfg.fmt`` and ``cfg.kl_candidates``."""
     method = getattr(cfg, "method", None)
     if method == "max":
         return MaxExponentObserver(cfg.fmt, cfg.activations.group)
-    if method == "kl":
-        return KLExponentObserver(cfg.fmt, cfg.activations.group, candidates=cfg.kl_candidates)
-    raise ValueError(f"unknown activation calibration method {method!r}; expected 'max' or 'kl'")
+    if method in ("kl", "kl-paper"):
+        return KLExponentObserver(cfg.fmt, cfg.activations.group, candidates=cfg.kl_candidates,
+                                  variant="expand" if method == "kl" else "paper")
+    raise ValueError(f"unknown activation calibration method {method!r}; "
+                     "expected 'max', 'kl' or 'kl-paper'")

@@ -88,7 +88,7 @@ def test_zero_group_among_nonzero_groups(cls) -> None:
     x = torch.zeros(2, 6, 3)
     x[:, :2] = 5.0
     x[:, 4:] = -0.3
-    obs = cls(FMT, group=2)
+    obs = cls(FMT, group=2) if cls is MaxExponentObserver else cls(FMT, group=2, variant="paper")
     obs(x)
     assert obs.max_exponents().tolist() == [2, -(1 << 30), -2]
     if cls is MaxExponentObserver:
@@ -325,7 +325,7 @@ def test_kl_matches_brute_force(seed, scale, shift) -> None:
     x[:3] = np.float32(scale * 11.0)  # a few outliers
     a = math.frexp(float(np.abs(x).max()))[1] - 1
     x = _drop_ties(x, FMT, a, 3)
-    obs = KLExponentObserver(FMT)
+    obs = KLExponentObserver(FMT, variant="paper")
     perm = torch.randperm(x.size, generator=g)
     for chunk in torch.from_numpy(x)[perm].reshape(-1, 1).split(4096):
         obs(chunk)
@@ -441,3 +441,88 @@ def test_float64_path_matches_float32_path() -> None:
     obs(torch.tensor([[1e6], [-1e-30], [1e-30]]))
     half = obs.bins // 2
     assert int(obs.histogram[0, half - 1]) == 1 and int(obs.histogram[0, half]) == 1
+
+
+# ------------------------------------------------------------------ level-expansion variant
+def _expand_brute_force(x: np.ndarray, fmt: BFPFormat, candidates: int, eps: float = 1e-4
+                        ) -> dict[int, float]:
+    """Direct implementation of the documented level-expansion KL on a fine grid."""
+    a = math.frexp(float(np.abs(x).max()))[1] - 1
+    k = fmt.mantissa_bits + candidates
+    w = 2.0 ** (a + 2 - k)
+    t = np.floor(x.astype(np.float64) / w).astype(np.int64)
+    out = {}
+    for i in range(candidates):
+        e = a - i
+        lsb = 2.0 ** (e - fmt.mantissa_bits + 2)
+        step = int(round(lsb / w))
+        tt = np.arange(-(1 << (k - 1)), 1 << (k - 1))
+        m = np.floor((2 * tt + 1 + step) / (2 * step)).astype(np.int64)
+        inside = np.abs(m) <= fmt.max_mantissa
+        lo_t, hi_t = tt[inside][0], tt[inside][-1]
+        hist = np.bincount(t - tt[0], minlength=tt.size).astype(np.float64)
+        sl = hist[lo_t - tt[0]:hi_t - tt[0] + 1]
+        p = sl.copy()
+        p[0] += hist[:lo_t - tt[0]].sum()
+        p[-1] += hist[hi_t - tt[0] + 1:].sum()
+        lev = m[inside]
+        q = np.zeros_like(p)
+        for L in np.unique(lev):
+            sel = lev == L
+            nz = sel & (p != 0)
+            if nz.any():
+                q[nz] = sl[sel].sum() / nz.sum()
+
+        def smooth(h):
+            nz = h != 0
+            h = np.where(nz, h - eps * (h.size - nz.sum()) / nz.sum(), eps)
+            return h / h.sum()
+        ps, qs = smooth(p), smooth(q)
+        out[e] = float((ps * (np.log(ps) - np.log(qs))).sum())
+    return out
+
+
+@pytest.mark.parametrize("seed, scale", [(0, 1.0), (1, 0.05), (2, 30.0)])
+@pytest.mark.parametrize("mbits", [4, 6, 8])
+def test_kl_expand_matches_brute_force(seed, scale, mbits) -> None:
+    fmt = BFPFormat(mbits, 8)
+    x = (_laplace(20_000, seed) * scale).numpy()
+    x[:3] = np.float32(scale * 11.0)
+    obs = KLExponentObserver(fmt)  # variant "expand" is the default
+    for chunk in torch.from_numpy(x).reshape(-1, 1).split(5000):
+        obs(chunk)
+    got = obs.divergences()[0]
+    want = _expand_brute_force(x, fmt, 3)
+    assert set(got) == set(want)
+    for e in want:
+        assert got[e] == pytest.approx(want[e], rel=1e-9, abs=1e-12)
+    assert int(obs.calculate_qparams()[0]) == min(want, key=lambda e: (want[e], -e))
+
+
+def test_kl_expand_known_answers() -> None:
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.rand(50_000, 1, generator=g) * 2 - 1
+    obs = KLExponentObserver(BFPFormat(6, 8))
+    obs(uniform)
+    assert int(obs.calculate_qparams()[0]) == int(obs.max_exponents()[0])  # nothing to clip
+    heavy = _laplace(50_000, 1).reshape(-1, 1)
+    heavy[:5] = 60.0  # a handful of far outliers
+    obs = KLExponentObserver(BFPFormat(6, 8))
+    obs(heavy)
+    assert int(obs.calculate_qparams()[0]) < int(obs.max_exponents()[0])
+
+
+def test_kl_variant_is_validated() -> None:
+    with pytest.raises(ValueError, match="variant"):
+        KLExponentObserver(FMT, variant="tensorrt")
+    assert make_observer(QuantConfig(method="kl-paper")).variant == "paper"
+    assert make_observer(QuantConfig(method="kl")).variant == "expand"
+
+
+def test_kl_expand_ignores_exact_zeros() -> None:
+    x = _laplace(20_000, 3).reshape(-1, 1).abs()
+    a, b = KLExponentObserver(BFPFormat(6, 8)), KLExponentObserver(BFPFormat(6, 8))
+    a(x)
+    b(torch.cat([x, torch.zeros(200_000, 1)]))  # a ReLU-style spike at zero
+    assert a.divergences() == b.divergences()
+    assert int(b.zeros[0]) == 200_000

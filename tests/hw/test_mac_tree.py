@@ -1,0 +1,41 @@
+"""MacTree: the exact K-term dot product, for several lane counts and tree stagings."""
+
+from __future__ import annotations
+
+import gc
+import random
+import warnings
+
+import pytest
+
+from dynacc.hw.mac_tree import MacTree, mac_tree_latency
+
+
+@pytest.mark.parametrize("lanes, mbits, lps", [(16, 8, 2), (5, 6, 1), (1, 8, 2), (8, 4, 3)])
+def test_dot_product(pipeline, lanes, mbits, lps):
+    rng = random.Random(lanes * 100 + mbits)
+    dut = MacTree(lanes, mantissa_bits=mbits, levels_per_stage=lps)
+    m = (1 << (mbits - 1)) - 1
+    vecs = [([m] * lanes, [m] * lanes), ([-m] * lanes, [m] * lanes), ([0] * lanes, [m] * lanes)]
+    vecs += [([rng.randint(-m, m) for _ in range(lanes)], [rng.randint(-m, m) for _ in range(lanes)])
+             for _ in range(300)]
+    out = pipeline(dut, [{"x": x, "w": w} for x, w in vecs], ["o"], dut.latency)
+    for (x, w), r in zip(vecs, out):
+        assert r["o"] == sum(a * b for a, b in zip(x, w)), (x, w)
+
+
+def test_latency_formula():
+    assert mac_tree_latency(16, 2) == 3
+    assert mac_tree_latency(16, 1) == 5
+    assert mac_tree_latency(1, 2) == 1
+
+
+def test_bad_params():
+    # the half-built components would warn "created but never used" when collected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="lanes must be in"):
+            MacTree(0, mantissa_bits=8)
+        with pytest.raises(TypeError, match="mantissa_bits must be an integer, not '8'"):
+            MacTree(4, mantissa_bits="8")
+        gc.collect()
