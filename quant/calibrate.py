@@ -8,6 +8,7 @@ both are calibrated jointly.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -28,7 +29,10 @@ def calibrate_graph(graph: FloatGraph, batches: Iterable[torch.Tensor], cfg: Qua
                     ) -> BFPProgram:
     """Observe every quantization point of ``graph`` on ``batches`` and build the program.
     ``shapes`` (if given) receives every tensor's per-image shape."""
-    observers = {p: make_observer(cfg) for p in quant_points(graph)}
+    # rule R6: the network output always takes the max exponent (as the Static BFP code)
+    observers = {p: make_observer(cfg if p != graph.output else
+                                  dataclasses.replace(cfg, method="max"))
+                 for p in quant_points(graph)}
     it = tqdm(batches, desc=f"calibrate ({cfg.method})", unit="batch", disable=not progress,
               leave=False)
     channels = iter_observed(graph, it, lambda p, t: observers[p](t), shapes)

@@ -13,7 +13,8 @@ Where quantization happens (docs/arithmetic.md, "Quantization points"):
   on both operands together, so the adder needs no alignment; other operands (identity
   shortcuts) are requantized onto it;
 * the sum of a residual add and the output of a concat (calibrated);
-* the classifier output is the raw accumulator (no requantization, rule R6).
+* the classifier (network output) is requantized like any layer, always with the max
+  exponent (rule R6), so it never saturates on the calibration set.
 
 Max/avg pooling, flatten and a standalone ReLU keep their input's exponent.
 """
@@ -68,16 +69,13 @@ def quant_points(graph: FloatGraph) -> dict[str, list[str]]:
 
     Keys are point names: a node name (its pre-activation output is observed), or
     ``"<add>.joint"`` (both operands of a residual add). Values list the node names whose
-    tensors feed the observer. Nodes that inherit an exponent or output raw accumulators
-    have no point.
+    tensors feed the observer. Nodes that inherit an exponent have no point.
     """
     points: dict[str, list[str]] = {}
     for n in graph.nodes:
         if n.kind in ("input", "concat"):
             points[n.name] = [n.name]
         elif n.kind in ("conv", "linear"):
-            if n.name == graph.output and n.kind == "linear":
-                continue
             if _joint_target(graph, n) is None:
                 points[n.name] = [n.name]
         elif n.kind == "add":
@@ -302,8 +300,6 @@ def build_program(graph: FloatGraph, cfg: QuantConfig, exponents: dict[str, torc
             target = _joint_target(graph, n)
             if target is not None:
                 op.out_lsb = point_lsb(target + ".joint", n.name)
-            elif n.name == graph.output and n.kind == "linear":
-                op.out_lsb = None
             else:
                 op.out_lsb = point_lsb(n.name, n.name)
         elif n.kind == "add":

@@ -32,6 +32,7 @@ def test_ok_and_images():
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(c=65), "in_channels = 65 exceeds the hardware limit 64"),
+    (dict(o=0), "empty tensor"),
     (dict(stride=3), "stride = 3 exceeds"),
     (dict(w_lsb=np.array([[0, 0, 0, 0, 7, 7, 7, 7]] * 4)), "alignment shift 7 exceeds align_span 6"),
     (dict(w_lsb=np.array([[0, 1, 0, 0, 0, 0, 0, 0]] * 4)), "filter 0, input word 0: .* different"),

@@ -59,7 +59,7 @@ def test_trace_structure_of_resnet20():
     assert all(a.activation == "relu" for a in adds)
     pts = quant_points(g)
     assert "layer1.0.conv2" not in pts and any(k.endswith(".joint") for k in pts)
-    assert "fc" not in pts  # classifier outputs raw accumulators
+    assert "fc" in pts  # the classifier is requantized (max rule R6)
 
 
 class _Unsupported(nn.Module):
@@ -158,3 +158,15 @@ def test_missing_exponent_is_reported():
     graph = trace(model)
     with pytest.raises(ValueError, match="missing calibrated exponents"):
         build_program(graph, QuantConfig(), {}, {})
+
+
+def test_network_output_uses_max_exponent_even_with_kl():
+    from dynacc.quant.calibrate import calibrate
+    from dynacc.quant.formats import QuantConfig
+    model = settle_bn(build_model("digits_net"), (1, 8, 8))
+    x = torch.randn(32, 1, 8, 8)
+    prog = calibrate(model, [x], QuantConfig(method="kl"), progress=False)
+    logits = trace(model).forward(x)
+    assert int(prog.shared_exponents["fc"][0]) == tensor_shared_exponent(logits, prog.fmt)
+    out = prog.run_golden(x)["fc"]
+    assert int(out.abs().max()) < prog.fmt.max_mantissa + 1

@@ -30,7 +30,7 @@ def test_golden_matches_fake_quant_and_float_on_test_split(trained, method):
     fq32 = prog.fake_quant(x, torch.float32)
     out = prog.output
     gold = prog.dequantize_output(out, env[out]).double()
-    step = 2.0 ** prog.op(out).acc_lsb.double()
+    step = 2.0 ** prog.lsb[out].double()
     close = ((fq32[out].double() - gold).abs() <= step).float().mean()
     assert close >= 0.999
     assert torch.equal(gold.argmax(1), fq[out].argmax(1))
