@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 import torch
 
 from dynacc.hw.config import HwConfig
@@ -33,8 +32,7 @@ from dynacc.hw.cycles import conv_cycles
 from dynacc.quant.golden import accumulator_bound
 from dynacc.quant.program import BFPProgram, QuantOp
 
-__all__ = ["MappingError", "EngineLayer", "HostStep", "LayerProgram", "build_layer_program",
-           "engine_operands"]
+__all__ = ["MappingError", "EngineLayer", "HostStep", "LayerProgram", "build_layer_program"]
 
 
 class MappingError(ValueError):
@@ -129,79 +127,16 @@ def _scalar_lsb(program: BFPProgram, name: str, what: str) -> int:
     return int(vals[0])
 
 
-def engine_operands(program: BFPProgram, layer: EngineLayer, hw: HwConfig) -> dict[str, torch.Tensor]:
-    """Integer operands of one engine layer as the engine sees them (dense, im2col-folded).
+def _check_layer(program: BFPProgram, layer: EngineLayer, hw: HwConfig) -> None:
+    """Prove that the engine runs ``layer`` exactly (limits, one alignment shift per lane
+    word, accumulator width, shift ranges): the checks of :class:`~dynacc.hw.program.ConvProgram`
+    on the layer's real weights and zero activations."""
+    from .engine_layers import conv_layer
 
-    Returns ``weight [O, C', kh', kw']`` mantissas, ``align [O, C']`` left shifts, ``bias [O]``
-    (accumulator LSB), ``shift [O]`` (requantize acc -> output or joint exponent),
-    ``clamp_max [O]`` (relu6), and for fused residual adds ``residual_shift`` /
-    ``post_shift`` scalars.
-    """
-    op = program.op(layer.name)
-    w = op.weight if op.weight.dim() == 4 else op.weight[:, :, None, None]
-    shift = op.shift
-    o, cg = shift.shape
-    if op.groups > 1:  # block-diagonal dense expansion
-        c = cg * op.groups
-        og = o // op.groups
-        dense = torch.zeros((o, c) + tuple(w.shape[2:]), dtype=torch.int64)
-        dshift = torch.zeros((o, c), dtype=torch.int64)
-        for g in range(op.groups):
-            dense[g * og:(g + 1) * og, g * cg:(g + 1) * cg] = w[g * og:(g + 1) * og]
-            dshift[g * og:(g + 1) * og, g * cg:(g + 1) * cg] = shift[g * og:(g + 1) * og]
-        w, shift = dense, dshift
-    if layer.im2col:  # channel index c*kh*kw + ky*kw + kx, matching the host im2col
-        kk = w.shape[2] * w.shape[3]
-        shift = shift.repeat_interleave(kk, dim=1)
-        w = w.reshape(w.shape[0], -1, 1, 1)
-    target = op.out_lsb if layer.residual is None else program.op(layer.output).joint_lsb
-    out = {
-        "weight": w.to(torch.int64),
-        "align": shift.to(torch.int64),
-        "bias": op.bias.to(torch.int64),
-        "shift": (target - op.acc_lsb).to(torch.int64) if target is not None
-        else torch.zeros_like(op.acc_lsb),
-    }
-    act_op = program.op(layer.output)
-    if act_op.clamp_max is not None:
-        out["clamp_max"] = act_op.clamp_max.to(torch.int64)
-    if layer.residual is not None:
-        out["residual_shift"] = torch.tensor(layer.joint_lsb - layer.residual_lsb)
-        out["post_shift"] = torch.tensor(layer.out_lsb - layer.joint_lsb)
-    return out
-
-
-def _check_layer(layer: EngineLayer, ops: dict[str, torch.Tensor], hw: HwConfig) -> None:
-    name = layer.name
-    k = hw.lanes
-    align = ops["align"]
-    c = align.shape[1]
-    pad = (-c) % k
-    if pad:
-        align = torch.cat([align, align[:, -1:].expand(-1, pad)], 1)
-    words = align.reshape(align.shape[0], -1, k)
-    if not bool((words == words[:, :, :1]).all()):
-        raise MappingError(f"layer {name!r}: alignment shifts differ inside a {k}-channel lane "
-                           "word; use a weight group that is a multiple of the lane count")
-    if int(align.max()) > hw.align_span:
-        raise MappingError(f"layer {name!r}: alignment shift {int(align.max())} exceeds the "
-                           f"engine's align_span {hw.align_span}")
-    s = ops["shift"]
-    for what, v in [("requantization shift", s)] + [
-            (n, ops[n]) for n in ("residual_shift", "post_shift") if n in ops]:
-        if int(v.min()) < hw.shift_min or int(v.max()) > hw.shift_max:
-            raise MappingError(f"layer {name!r}: {what} range [{int(v.min())}, {int(v.max())}] "
-                               f"exceeds the engine's [{hw.shift_min}, {hw.shift_max}]")
-    if layer.acc_bits_needed > hw.acc_bits:
-        raise MappingError(f"layer {name!r}: worst-case accumulation needs "
-                           f"{layer.acc_bits_needed} bits, the engine has acc_bits={hw.acc_bits}")
-    limits = [("input channels", layer.in_channels, hw.max_in_channels),
-              ("output channels", layer.out_channels, hw.max_out_channels),
-              ("height", layer.height, hw.max_dim), ("width", layer.width, hw.max_dim),
-              ("kernel", layer.kernel, hw.max_kernel), ("stride", layer.stride, hw.max_stride)]
-    for what, v, lim in limits:
-        if v > lim:
-            raise MappingError(f"layer {name!r}: {what} {v} exceeds the engine's limit {lim}")
+    try:
+        conv_layer(program, layer).program(hw)
+    except ValueError as exc:
+        raise MappingError(str(exc)) from exc
 
 
 def build_layer_program(model: str, program: BFPProgram, shapes: dict[str, tuple[int, ...]],
@@ -237,7 +172,7 @@ def build_layer_program(model: str, program: BFPProgram, shapes: dict[str, tuple
             steps.append(HostStep(op.name, op.kind, list(op.inputs), op.name))
     for s in steps:
         if isinstance(s, EngineLayer):
-            _check_layer(s, engine_operands(program, s, hw), hw)
+            _check_layer(program, s, hw)
     tensors = {n: {"shape": list(shapes[n]),
                    "lsb": (int(program.lsb[n][0]) if program.lsb[n] is not None else None)}
                for n in shapes}
@@ -287,7 +222,3 @@ def _engine_layer(program: BFPProgram, op: QuantOp, shapes: dict[str, tuple[int,
                            out_width=wo, kernel_h=kernel_eng, kernel_w=kernel_eng),
         acc_bits_needed=bound.bit_length() + 1, max_align_shift=int(op.shift.max()),
         in_lsb=x_lsb, out_lsb=out_lsb, joint_lsb=joint, residual_lsb=residual_lsb)
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -170,6 +170,7 @@ def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
             shutil.rmtree(old)
         if out.exists():
             os.replace(out, old)
+        work.chmod(0o755)  # mkdtemp makes it private
         os.replace(work, out)
         if old.exists():
             shutil.rmtree(old)

@@ -43,10 +43,12 @@ def shift_round_half_even(v: torch.Tensor, shift: torch.Tensor | int) -> torch.T
 
     ``shift > 0`` divides (arithmetic right shift plus a round-half-even correction from the
     discarded bits), ``shift <= 0`` multiplies exactly (left shift). ``shift`` broadcasts.
+    Right shifts are capped at 62: exact for ``|v| < 2**61`` (the result is then 0).
     """
     v = v.to(torch.int64)
     s = torch.as_tensor(shift, dtype=torch.int64).expand_as(v) if not isinstance(shift, int) \
         else torch.full_like(v, shift)
+    s = s.clamp(max=62)
     pos = s > 0
     sr = torch.where(pos, s, torch.zeros_like(s))
     q = torch.bitwise_right_shift(v, sr)  # floor division by 2**sr for negatives too
@@ -77,8 +79,12 @@ def saturate(m: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
 
 def requantize(v: torch.Tensor, shift: torch.Tensor | int, fmt: BFPFormat) -> torch.Tensor:
     """Rule R3: round (R1) then saturate (S1). Moves an integer from LSB exponent ``L`` to
-    ``L + shift``. Used for every output, residual alignment and concat realignment."""
-    return saturate(shift_round_half_even(v, shift), fmt)
+    ``L + shift``. Used for every output, residual alignment and concat realignment.
+
+    Left shifts are capped at ``M - 1``: any non-zero value shifted that far saturates anyway,
+    so the result is unchanged and int64 never wraps (the RTL does the same)."""
+    s = torch.as_tensor(shift, dtype=torch.int64).clamp(min=-(fmt.mantissa_bits - 1))
+    return saturate(shift_round_half_even(v, s), fmt)
 
 
 def quantize(x: torch.Tensor, lsb: torch.Tensor | int, fmt: BFPFormat) -> torch.Tensor:

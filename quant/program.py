@@ -249,13 +249,33 @@ class BFPProgram:
             "output": self.output,
             "lsb": dict(self.lsb),
             "shared_exponents": dict(self.shared_exponents),
-            "ops": [dataclasses.asdict(o) for o in self.ops],
+            "ops": [{k: _compact(v) for k, v in dataclasses.asdict(o).items()} for o in self.ops],
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "BFPProgram":
-        return cls(QuantConfig.from_dict(state["cfg"]), [QuantOp(**o) for o in state["ops"]],
-                   dict(state["lsb"]), state["output"], dict(state["shared_exponents"]))
+        ops = [QuantOp(**{k: _widen(v) for k, v in o.items()}) for o in state["ops"]]
+        return cls(QuantConfig.from_dict(state["cfg"]), ops, dict(state["lsb"]), state["output"],
+                   dict(state["shared_exponents"]))
+
+
+def _compact(v: Any) -> Any:
+    """Store an int64 tensor in the narrowest integer dtype that holds it (checkpoints of
+    ResNet-50 shrink 8× for 8-bit mantissas); :func:`_widen` restores int64."""
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.int64 or v.numel() == 0:
+        return v
+    lo, hi = int(v.min()), int(v.max())
+    for dt in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return v.to(dt)
+    return v
+
+
+def _widen(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.int16, torch.int32):
+        return v.to(torch.int64)
+    return v
 
 
 def _cmax(o: QuantOp, ndim: int) -> torch.Tensor | None:

@@ -171,3 +171,9 @@ def test_bias_on_accumulator_lsb():
     acc_lsb = torch.tensor([-4, -2, -20])
     q = quantize_bias(b, acc_lsb, acc_bits=32)
     assert q.tolist() == [16, -2, 2 ** 31 - 1]  # -1.5 -> -2 (tie to even); saturation
+
+
+def test_requantize_extreme_shifts_do_not_wrap():
+    assert requantize(torch.tensor([(1 << 47) - 1, -(1 << 47), 3]), 127, F8).tolist() == [0, 0, 0]
+    assert requantize(torch.tensor([-(1 << 47), 1, 0]), -128, F8).tolist() == [-127, 127, 0]
+    assert requantize(torch.tensor([1 << 60]), 62, F8).tolist() == [0]  # 2**60 / 2**62 = 0.25

@@ -1,0 +1,216 @@
+"""Loop-nest sequencer of the conv engine: one reduction step (K×K MACs) per cycle."""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import HwConfig, bits_for
+from .types import addr_width, desc_layout
+
+__all__ = ["AddressGen", "token_layout", "SETUP_CYCLES"]
+
+#: cycles between ``start`` and the first issued step (descriptor products, 2 registered stages)
+SETUP_CYCLES = 2
+
+
+def token_layout(cfg: HwConfig) -> data.StructLayout:
+    """Control token travelling down the pipeline with each reduction step."""
+    return data.StructLayout({
+        "valid": 1,
+        "pad": 1,            # the activation word is a zero-padding position
+        "first": 1,          # first step of an output word: the accumulator starts at the bias
+        "last": 1,           # last step of an output word: requantize and write it
+        "final": 1,          # last step of the layer
+        "tile": unsigned(bits_for(cfg.max_tiles)),                   # output tile t
+        "align_addr": unsigned(addr_width(cfg.wgt_depth)),           # t*CW + cw
+        "out_addr": unsigned(addr_width(cfg.out_depth)),             # (oy*Wo + ox)*T + t
+    })
+
+
+class AddressGen(wiring.Component):
+    """Walks ``for oy, ox, t, ky, kx, cw`` and issues one step per cycle, with no bubble.
+
+    Addresses are kept incrementally (no multiplier in the loop): within a kernel row the
+    activation address advances by 1 (``kx*CW + cw`` is contiguous), a new kernel row adds
+    ``(W - kw)*CW + 1``, a new tile restarts at the pixel origin, a new pixel adds
+    ``stride*CW``, a new row ``stride*W*CW``. These steps are computed from the descriptor in
+    :data:`SETUP_CYCLES` registered cycles after ``start``. The weight address runs
+    ``((t*kh + ky)*kw + kx)*CW + cw``, i.e. +1 per step, back to 0 at each new pixel.
+
+    Parameters
+    ----------
+    cfg : HwConfig
+
+    Members
+    -------
+    desc : In(desc_layout(cfg))
+        Held constant while running.
+    start : In(1)
+        Starts a layer when idle.
+    busy : Out(1)
+        Setting up or issuing.
+    act_addr : Out(addr_width(act_depth))
+        Activation word read this cycle (meaningless when ``token.pad``).
+    wgt_addr : Out(addr_width(wgt_depth))
+        Weight word read this cycle.
+    token : Out(token_layout(cfg))
+        Describes the step issued this cycle (latency 0, same cycle as the addresses).
+    """
+
+    def __init__(self, cfg: HwConfig):
+        if not isinstance(cfg, HwConfig):
+            raise TypeError(f"cfg must be a HwConfig, not {cfg!r}")
+        self._cfg = cfg
+        super().__init__({
+            "desc": In(desc_layout(cfg)),
+            "start": In(1),
+            "busy": Out(1),
+            "act_addr": Out(addr_width(cfg.act_depth)),
+            "wgt_addr": Out(addr_width(cfg.wgt_depth)),
+            "token": Out(token_layout(cfg)),
+        })
+
+    @property
+    def cfg(self) -> HwConfig:
+        return self._cfg
+
+    @property
+    def latency(self) -> int:
+        return 0
+
+    @property
+    def setup_cycles(self) -> int:
+        return SETUP_CYCLES
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        d = self.desc
+        kbits = bits_for(cfg.max_kernel)
+        # Signed address arithmetic: the kernel origin of a padded pixel lies before word 0
+        # (down to -pad*(W+1)*CW) and a bottom-padded row beyond the tensor end.
+        span = max(cfg.act_depth, cfg.max_kernel * cfg.max_in_words, cfg.max_dim * cfg.max_in_words)
+        aw = signed(bits_for(span) + kbits + bits_for(cfg.max_stride) + 2)
+        pos_w = signed(bits_for(cfg.max_dim) + kbits + 2)
+
+        # setup products
+        wcw = Signal(unsigned(bits_for(cfg.max_dim * cfg.max_in_words)))
+        kwcw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)))
+        pix_step = Signal(unsigned(bits_for(cfg.max_stride * cfg.max_in_words)))
+        pad_cw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)))
+        row_skip = Signal(aw)
+        row_step = Signal(aw)
+        # "minus one" limits, registered once
+        cw_max = Signal.like(d.in_words)
+        kx_max = Signal.like(d.kernel_w)
+        ky_max = Signal.like(d.kernel_h)
+        t_max = Signal.like(d.out_tiles)
+        ox_max = Signal.like(d.out_width)
+        oy_max = Signal.like(d.out_height)
+
+        # loop state
+        oy = Signal.like(d.out_height)
+        ox = Signal.like(d.out_width)
+        t = Signal.like(d.out_tiles)
+        ky = Signal.like(d.kernel_h)
+        kx = Signal.like(d.kernel_w)
+        cw = Signal.like(d.in_words)
+        iy_row = Signal(pos_w)   # oy*stride - pad
+        ix_pix = Signal(pos_w)   # ox*stride - pad
+        iy = Signal(pos_w)       # iy_row + ky
+        ix = Signal(pos_w)       # ix_pix + kx
+        a_addr = Signal(aw)      # (iy*W + ix)*CW + cw
+        pix_addr = Signal(aw)    # kernel origin of this pixel
+        row_addr = Signal(aw)    # kernel origin of ox = 0 in this row
+        w_addr = Signal.like(self.wgt_addr)
+        al_base = Signal.like(self.wgt_addr)   # t*CW
+        al_addr = Signal.like(self.wgt_addr)   # t*CW + cw
+        o_addr = Signal(unsigned(addr_width(cfg.out_depth)))
+
+        last_cw = cw == cw_max
+        last_kx = kx == kx_max
+        last_ky = ky == ky_max
+        last_t = t == t_max
+        last_ox = ox == ox_max
+        last_oy = oy == oy_max
+        last = last_cw & last_kx & last_ky
+
+        m.d.comb += [
+            self.act_addr.eq(a_addr),
+            self.wgt_addr.eq(w_addr),
+            self.token.pad.eq((iy < 0) | (iy >= d.height) | (ix < 0) | (ix >= d.width)),
+            self.token.first.eq((cw == 0) & (kx == 0) & (ky == 0)),
+            self.token.last.eq(last),
+            self.token.final.eq(last & last_t & last_ox & last_oy),
+            self.token.tile.eq(t),
+            self.token.align_addr.eq(al_addr),
+            self.token.out_addr.eq(o_addr),
+        ]
+
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.next = "SETUP1"
+            with m.State("SETUP1"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [
+                    wcw.eq(d.width * d.in_words),
+                    kwcw.eq(d.kernel_w * d.in_words),
+                    pix_step.eq(d.stride * d.in_words),
+                    pad_cw.eq(d.pad * d.in_words),
+                    cw_max.eq(d.in_words - 1),
+                    kx_max.eq(d.kernel_w - 1),
+                    ky_max.eq(d.kernel_h - 1),
+                    t_max.eq(d.out_tiles - 1),
+                    ox_max.eq(d.out_width - 1),
+                    oy_max.eq(d.out_height - 1),
+                ]
+                m.next = "SETUP2"
+            with m.State("SETUP2"):
+                m.d.comb += self.busy.eq(1)
+                origin = -(d.pad * wcw + pad_cw)
+                m.d.sync += [
+                    row_skip.eq(wcw - kwcw + 1),
+                    row_step.eq(d.stride * wcw),
+                    a_addr.eq(origin), pix_addr.eq(origin), row_addr.eq(origin),
+                    oy.eq(0), ox.eq(0), t.eq(0), ky.eq(0), kx.eq(0), cw.eq(0),
+                    iy_row.eq(-d.pad), ix_pix.eq(-d.pad), iy.eq(-d.pad), ix.eq(-d.pad),
+                    w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
+                ]
+                m.next = "RUN"
+            with m.State("RUN"):
+                m.d.comb += [self.busy.eq(1), self.token.valid.eq(1)]
+                m.d.sync += w_addr.eq(w_addr + 1)
+                with m.If(~last_cw):
+                    m.d.sync += [cw.eq(cw + 1), a_addr.eq(a_addr + 1), al_addr.eq(al_addr + 1)]
+                with m.Elif(~last_kx):
+                    m.d.sync += [cw.eq(0), kx.eq(kx + 1), ix.eq(ix + 1),
+                                 a_addr.eq(a_addr + 1), al_addr.eq(al_base)]
+                with m.Elif(~last_ky):
+                    m.d.sync += [cw.eq(0), kx.eq(0), ky.eq(ky + 1), ix.eq(ix_pix), iy.eq(iy + 1),
+                                 a_addr.eq(a_addr + row_skip), al_addr.eq(al_base)]
+                with m.Else():
+                    m.d.sync += [cw.eq(0), kx.eq(0), ky.eq(0), o_addr.eq(o_addr + 1)]
+                    with m.If(~last_t):
+                        m.d.sync += [t.eq(t + 1), ix.eq(ix_pix), iy.eq(iy_row), a_addr.eq(pix_addr),
+                                     al_base.eq(al_base + d.in_words),
+                                     al_addr.eq(al_base + d.in_words)]
+                    with m.Else():
+                        m.d.sync += [t.eq(0), al_base.eq(0), al_addr.eq(0), w_addr.eq(0)]
+                        with m.If(~last_ox):
+                            m.d.sync += [ox.eq(ox + 1), ix_pix.eq(ix_pix + d.stride),
+                                         ix.eq(ix_pix + d.stride), iy.eq(iy_row),
+                                         pix_addr.eq(pix_addr + pix_step),
+                                         a_addr.eq(pix_addr + pix_step)]
+                        with m.Elif(~last_oy):
+                            m.d.sync += [ox.eq(0), oy.eq(oy + 1),
+                                         ix_pix.eq(-d.pad), ix.eq(-d.pad),
+                                         iy_row.eq(iy_row + d.stride), iy.eq(iy_row + d.stride),
+                                         row_addr.eq(row_addr + row_step),
+                                         pix_addr.eq(row_addr + row_step),
+                                         a_addr.eq(row_addr + row_step)]
+                        with m.Else():
+                            m.next = "IDLE"
+        return m
