@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from dynacc.hw.program import ConvLayer
-from dynacc.quant import golden
 from dynacc.quant.program import BFPProgram
 
 from .layer_program import EngineLayer, HostStep, MappingError
@@ -97,25 +96,9 @@ def conv_layer(program: BFPProgram, layer: EngineLayer,
 
 def run_host_step(program: BFPProgram, step: HostStep, acts: dict[str, torch.Tensor]
                   ) -> torch.Tensor:
-    """One host step on one image's integer activations (golden rules P1, P2, E1, E2, R4)."""
+    """One host step on one image's integer activations: the golden op itself (rules P1,
+    P2, E1, E2, R4), so host work and golden model cannot drift apart."""
+    if step.kind == "quantize_input":
+        raise MappingError("the input is quantized by BFPProgram.quantize_input, not a host op")
     op = program.op(step.name)
-    xs = [acts[i][None] for i in step.inputs]
-    if step.kind == "maxpool":
-        y = golden.max_pool2d(xs[0], op.kernel, op.stride, op.padding)
-    elif step.kind == "avgpool":
-        y = golden.global_avg_pool(xs[0])[:, :, None, None]
-    elif step.kind == "flatten":
-        y = torch.flatten(xs[0], 1)
-    elif step.kind == "add":
-        la, lb = (program.lsb[i] for i in step.inputs)
-        cmax = None if op.clamp_max is None else op.clamp_max.reshape(1, -1, *([1] * (xs[0].dim() - 2)))
-        y = golden.add(xs[0], la, xs[1], lb, op.joint_lsb, op.out_lsb, program.fmt,
-                       op.activation, cmax)
-    elif step.kind == "concat":
-        y = golden.concat(xs, [program.lsb[i] for i in step.inputs], op.out_lsb, program.fmt)
-    elif step.kind == "relu":
-        cmax = None if op.clamp_max is None else op.clamp_max.reshape(1, -1, *([1] * (xs[0].dim() - 2)))
-        y = golden.apply_activation(xs[0], op.activation, cmax)
-    else:
-        raise MappingError(f"host step {step.name!r}: unknown kind {step.kind!r}")
-    return y[0]
+    return program.golden_op(op, [acts[i][None] for i in step.inputs])[0]

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from . import golden
 from .formats import QuantConfig
-from .functional import dequantize, fake_quantize, quantize, quantize_bias, quantize_weight
+from .functional import (dequantize, fake_quantize, quantize, quantize_bias, quantize_weight,
+                         requantize)
 from .graph import FloatGraph, Node
 
 __all__ = ["QuantOp", "BFPProgram", "quant_points", "build_program"]
@@ -137,43 +138,45 @@ class BFPProgram:
     def run_golden(self, x: torch.Tensor, integer_input: bool = False) -> dict[str, torch.Tensor]:
         """Integer execution: every op's output mantissas (``int64``), keyed by op name."""
         env: dict[str, torch.Tensor] = {}
-        fmt = self.fmt
         for o in self.ops:
-            xs = [env[i] for i in o.inputs]
             if o.kind == "input":
-                y = x.to(torch.int64) if integer_input else self.quantize_input(x)
-            elif o.kind == "conv":
-                acc, _ = golden.conv2d_acc(xs[0], self.lsb[o.inputs[0]], o.weight, o.w_lsb, o.bias,
-                                           o.stride, o.padding, o.groups)
-                y = self._finish(acc, o)
-            elif o.kind == "linear":
-                acc, _ = golden.conv2d_acc(xs[0][:, :, None, None], self.lsb[o.inputs[0]],
-                                           o.weight[:, :, None, None], o.w_lsb, o.bias)
-                y = self._finish(acc[:, :, 0, 0], o)
-            elif o.kind == "add":
-                la, lb = (self.lsb[i] for i in o.inputs)
-                y = golden.add(xs[0], la, xs[1], lb, o.joint_lsb, o.out_lsb, fmt,
-                               o.activation, _cmax(o, xs[0].dim()))
-            elif o.kind == "concat":
-                y = golden.concat(xs, [self.lsb[i] for i in o.inputs], o.out_lsb, fmt)
-            elif o.kind == "maxpool":
-                y = golden.max_pool2d(xs[0], o.kernel, o.stride, o.padding)
-            elif o.kind == "avgpool":
-                y = golden.global_avg_pool(xs[0])[:, :, None, None]
-            elif o.kind == "flatten":
-                y = torch.flatten(xs[0], 1)
-            elif o.kind == "relu":
-                y = golden.apply_activation(xs[0], o.activation, _cmax(o, xs[0].dim()))
+                env[o.name] = x.to(torch.int64) if integer_input else self.quantize_input(x)
             else:
-                raise ValueError(f"layer {o.name!r}: unknown op kind {o.kind!r}")
-            env[o.name] = y
+                env[o.name] = self.golden_op(o, [env[i] for i in o.inputs])
         return env
+
+    def golden_op(self, o: QuantOp, xs: list[torch.Tensor]) -> torch.Tensor:
+        """One op of the program on batched integer inputs (the host steps of a hardware run
+        call this too, so host and golden share one implementation)."""
+        fmt = self.fmt
+        if o.kind == "conv":
+            acc, _ = golden.conv2d_acc(xs[0], self.lsb[o.inputs[0]], o.weight, o.w_lsb, o.bias,
+                                       o.stride, o.padding, o.groups)
+            return self._finish(acc, o)
+        if o.kind == "linear":
+            acc, _ = golden.conv2d_acc(xs[0][:, :, None, None], self.lsb[o.inputs[0]],
+                                       o.weight[:, :, None, None], o.w_lsb, o.bias)
+            return self._finish(acc[:, :, 0, 0], o)
+        if o.kind == "add":
+            la, lb = (self.lsb[i] for i in o.inputs)
+            return golden.add(xs[0], la, xs[1], lb, o.joint_lsb, o.out_lsb, fmt,
+                              o.activation, _cmax(o, xs[0].dim()))
+        if o.kind == "concat":
+            return golden.concat(xs, [self.lsb[i] for i in o.inputs], o.out_lsb, fmt)
+        if o.kind == "maxpool":
+            return golden.max_pool2d(xs[0], o.kernel, o.stride, o.padding)
+        if o.kind == "avgpool":
+            return golden.global_avg_pool(xs[0])[:, :, None, None]
+        if o.kind == "flatten":
+            return torch.flatten(xs[0], 1)
+        if o.kind == "relu":
+            return golden.apply_activation(xs[0], o.activation, _cmax(o, xs[0].dim()))
+        raise ValueError(f"layer {o.name!r}: unknown op kind {o.kind!r}")
 
     def _finish(self, acc: torch.Tensor, o: QuantOp) -> torch.Tensor:
         if o.out_lsb is None:
             return golden.apply_activation(acc, o.activation)
         shape = (1, -1) + (1,) * (acc.dim() - 2)
-        from .functional import requantize
         m = requantize(acc, (o.out_lsb - o.acc_lsb).reshape(shape), self.fmt)
         return golden.apply_activation(m, o.activation, _cmax(o, acc.dim()))
 
