@@ -8,11 +8,12 @@ HW      ?= configs/hw/default.yaml
 JOBS    ?= auto
 STAMP   := $(VENV)/.dynacc-setup
 
-.PHONY: setup test test-fast gen bench fpga clean help
+.PHONY: setup test test-fast gen deploy bench fpga clean help
 
 help:
 	@echo "make gen MODEL=resnet50 [HW=configs/hw/default.yaml]   generate RTL + layer program + reports"
 	@echo "make test                                             unit tests + RTL co-simulation"
+	@echo "make deploy MODEL=resnet20 CHECKPOINT=ckpt.pt          export weights, exponents, layer program"
 	@echo "make bench                                            long benchmarks -> build/bench/*.json"
 
 $(STAMP): pyproject.toml Makefile
@@ -32,6 +33,9 @@ test-fast: setup
 
 gen: setup
 	$(PY) -m dynacc.gen --model $(MODEL) --hw $(HW)
+
+deploy: setup
+	$(PY) sw/deploy.py --model $(MODEL) --hw $(HW) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out build/deploy/$(MODEL)
 
 bench: setup
 	$(PY) bench/run_all.py

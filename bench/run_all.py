@@ -18,6 +18,8 @@ ORDER = [
     "calibration_speed.py",
     "engine_utilization.py",
     "sim_speed.py",
+    "e2e_digits.py",
+    "resnet50_rtl.py",
 ]
 
 

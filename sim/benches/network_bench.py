@@ -1,0 +1,85 @@
+"""cocotb bench: a whole network on the conv engine sim top, from a deploy folder.
+
+Written by :func:`dynacc.sim.network.run_network`; the JSON manifest ``$DYNACC_NET_MANIFEST``
+names the deploy folder, the input images (``.npy``) and where results go. The bench walks
+the deploy's layer program with :func:`dynacc.sw.runtime.chain`: host steps run in this
+process with the golden rules, every engine layer runs on the RTL with its weight memories
+loaded by ``$readmemh`` straight from the deploy folder's ``.mem`` files (once per layer) and
+its activations (and fused-residual operand) written from the previous RTL outputs (per
+image). Outputs are read back from the dumped ``out`` memory and feed the next steps.
+
+Results: ``<out>/acts.npz`` (every tensor of the run, ``[N, ...]`` int16),
+``<out>/result.json`` (per layer: RTL ``cycles`` per image and RTL wall seconds), and one line
+per engine run appended to ``<progress>``.
+
+Manifest: ``{"deploy": dir, "images": npy, "integer_input": bool, "out": dir,
+"progress": file, "load_bits": {mem: bit}, "clock": "gpi" | "py", "verify": bool}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import cocotb
+import numpy as np
+import torch
+
+from dynacc.hw.types import act_word_layout
+from dynacc.sim.benches.conv_bench import TB
+from dynacc.sim.memfile import read_mem, write_mem
+from dynacc.sw import fileformat as ff
+from dynacc.sw.reader import load_deploy
+from dynacc.sw.runtime import act_image, chain, unpack_output
+
+
+@cocotb.test()
+async def network(dut: Any) -> None:
+    """Run every image of the manifest through every step of the deploy folder."""
+    man = json.loads(Path(os.environ["DYNACC_NET_MANIFEST"]).read_text())
+    dep = load_deploy(man["deploy"], images=False, verify=man.get("verify", True))
+    hw = dep.hw
+    lanes = hw.lanes
+    lay = act_word_layout(hw)
+    load_bits = man["load_bits"]
+    images = torch.from_numpy(np.load(man["images"]))
+    out = Path(man["out"])
+    io = out / "io"
+    io.mkdir(parents=True, exist_ok=True)
+    tb = TB(dut, man.get("clock", "gpi"))
+    await tb.reset()
+    cycles: dict[str, list[int]] = {l.name: [] for l in dep.layers}
+    wall: dict[str, float] = {l.name: 0.0 for l in dep.layers}
+    gen = chain(dep, images, integer_input=man.get("integer_input", False))
+    runs = 0
+    with open(man["progress"], "a", buffering=1) as progress:
+        try:
+            job = next(gen)
+            while True:
+                layer = job.layer
+                files = {}
+                if job.first_of_layer:   # weights, exponents, shifts: the deploy's own files
+                    files.update({m: str(layer.files[m]) for m in ff.WEIGHT_MEMORIES})
+                write_mem(io / "act.mem", act_image(job.x, lanes), lay)
+                files["act"] = str(io / "act.mem")
+                if job.residual is not None:
+                    write_mem(io / "res.mem", act_image(job.residual, lanes), lay)
+                    files["res"] = str(io / "res.mem")
+                await tb.load(files, load_bits)
+                t0 = time.perf_counter()
+                c = await tb.run(layer.descriptor_bits)
+                wall[layer.name] += time.perf_counter() - t0
+                await tb.dump(layer.out_words, io / "out.mem")
+                y = unpack_output(read_mem(io / "out.mem", lay), layer, lanes)
+                cycles[layer.name].append(c)
+                runs += 1
+                progress.write(f"{runs} {layer.name} {job.image}\n")
+                job = gen.send(y)
+        except StopIteration as stop:
+            acts = stop.value
+    np.savez(out / "acts.npz", **{k: v.numpy().astype(np.int16) for k, v in acts.items()})
+    (out / "result.json").write_text(json.dumps({"cycles": cycles, "rtl_wall_s": wall,
+                                                 "runs": runs}))

@@ -1,0 +1,88 @@
+"""``python sw/deploy.py``: export weights, exponents and the layer program of a model.
+
+    python sw/deploy.py --model resnet20 --checkpoint ckpt.pt --out deploy/resnet20
+    python sw/deploy.py --model resnet50 --out deploy/resnet50      # random weights (said so)
+
+The checkpoint is a calibrated dynacc checkpoint (``python -m dynacc.quant calibrate``).
+The folder format is described in ``dynacc.sw.fileformat``; read it with
+``dynacc.sw.reader.load_deploy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dynacc.gen.layer_program import MappingError
+from dynacc.hw.config import HwConfig, load_named
+from dynacc.quant.checkpoint import CheckpointError
+from dynacc.quant.graph import UnsupportedLayerError
+from dynacc.quant.models import list_models
+from dynacc.sw.export import ExportError, deploy_model
+
+__all__ = ["main"]
+
+DEFAULT_HW = "configs/hw/default.yaml"
+
+
+def _hw_config(arg: str) -> HwConfig:
+    """A YAML path, or the name of a config of this checkout (``default``, ``small``)."""
+    p = Path(arg)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        if not p.exists() and p == Path(DEFAULT_HW):
+            return load_named("default")   # run from outside the checkout
+        return HwConfig.from_yaml(p)
+    return load_named(arg)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python sw/deploy.py",
+        description="Export a calibrated BFP model (weights, exponents, layer program) as a "
+                    "deploy folder that the RTL benches and a host load.")
+    p.add_argument("--model", required=True, metavar="NAME",
+                   help=f"one of: {', '.join(list_models())}")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="calibrated dynacc checkpoint (python -m dynacc.quant calibrate); "
+                        "without it: seeded random weights, calibrated like `make gen`")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="deploy folder (default: build/deploy/<model>)")
+    p.add_argument("--hw", default=DEFAULT_HW, metavar="YAML",
+                   help="hardware config: a YAML file or a config name (default: %(default)s)")
+    p.add_argument("--dataset", default=None,
+                   help="input geometry (default: the checkpoint's dataset, else the model's)")
+    p.add_argument("--method", default="kl", choices=["kl", "max"],
+                   help="calibration of random weights (default: %(default)s)")
+    p.add_argument("--calib-images", type=int, default=4,
+                   help="random calibration images for random weights (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.model not in list_models():
+            raise ExportError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
+        hw = _hw_config(args.hw)
+        out = args.out or f"build/deploy/{args.model}"
+        res = deploy_model(args.model, out, hw, checkpoint=args.checkpoint,
+                           dataset=args.dataset, method=args.method,
+                           calib_images=args.calib_images, seed=args.seed,
+                           log=lambda m: print(m, file=sys.stderr))
+    except (ExportError, MappingError, CheckpointError, FileNotFoundError, ValueError,
+            TypeError, UnsupportedLayerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    layers = res.layer_program.engine_layers
+    cycles = sum(l.cycles for l in layers)
+    print(f"{args.model} ({res.dataset}{', RANDOM weights' if res.random_weights else ''}) for "
+          f"hw {hw.name!r}: {len(layers)} engine layers, "
+          f"{len(res.layer_program.steps) - len(layers)} host steps, {cycles:,} cycles/image "
+          f"-> {res.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
