@@ -345,7 +345,6 @@ class KLExponentObserver(ExponentObserverBase):
         self.eps = float(eps)
         self.register_buffer("anchor", torch.empty(0, dtype=torch.int64))
         self.register_buffer("histogram", torch.empty(0, 0, dtype=torch.int64))
-        self.register_buffer("zeros", torch.empty(0, dtype=torch.int64))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, candidates={self.candidates}, bins={self.bins}, "
@@ -355,7 +354,6 @@ class KLExponentObserver(ExponentObserverBase):
         super()._init_state(channels, n_groups, device)
         self.anchor = torch.full((n_groups,), _ZERO_EXP, dtype=torch.int64, device=device)
         self.histogram = torch.zeros((n_groups, self.bins), dtype=torch.int64, device=device)
-        self.zeros = torch.zeros((n_groups,), dtype=torch.int64, device=device)
 
     # ------------------------------------------------------------------------ fine histogram
     def _rebin(self, shift: torch.Tensor) -> None:
@@ -424,17 +422,6 @@ class KLExponentObserver(ExponentObserverBase):
         # an all-zero history only has counts in the centre bin, which no re-anchoring moves
         self.anchor.copy_(new_anchor)
         self.histogram.add_(self._batch_histogram(x, new_anchor))
-        if self.variant == "expand":
-            self.zeros.add_(self._zero_counts(x))
-
-    def _zero_counts(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact zeros per group (ReLU outputs are full of them)."""
-        if self.num_groups == 1:
-            return torch.count_nonzero(x == 0).reshape(1).to(torch.int64)
-        dims = (0,) + tuple(range(2, x.dim()))
-        per_c = torch.count_nonzero(x == 0, dim=dims)
-        return torch.bincount(self._channel_group(x.shape[1], x.device), weights=per_c.double(),
-                              minlength=self.num_groups).to(torch.int64)
 
     # ---------------------------------------------------------------------------- KL search
     def _smooth(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -468,8 +455,9 @@ class KLExponentObserver(ExponentObserverBase):
         level's non-empty fine bins. Both are MXNet-smoothed; ``KL(p || q)``, argmin, ties to the
         larger exponent. Unlike the paper's histogram of quantized values (variant ``"paper"``),
         ``q`` is not a comb of isolated spikes, so the comparison stays meaningful at M <= 6.
-        Exact zeros are left out: every candidate represents them exactly, and a ReLU's spike at
-        zero would otherwise pull the choice towards needlessly small exponents.
+        The two fine bins around zero, ``[-w, w)``, are left out: every candidate rounds their
+        values (exact zeros included) to 0, so they cannot tell the candidates apart, and a
+        ReLU's spike at zero would otherwise pull the choice towards needlessly small exponents.
         """
         fmt = self.fmt
         a = int(self.anchor[g])
@@ -479,7 +467,7 @@ class KLExponentObserver(ExponentObserverBase):
             return fmt.max_exponent, {}
         w_exp = a + 2 - self.log2_bins
         hist = self.histogram[g].to(torch.float64).clone()
-        hist[self.bins // 2] -= float(self.zeros[g])  # exact zeros sit in the bin [0, w)
+        hist[self.bins // 2 - 1:self.bins // 2 + 1] = 0.0  # [-w, w): zero for every candidate
         t = torch.arange(self.bins, dtype=torch.int64, device=hist.device) - self.bins // 2
         best, best_kl, kls = a, math.inf, {}
         for i in range(self.candidates):
