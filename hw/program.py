@@ -24,7 +24,7 @@ from .config import HwConfig
 __all__ = ["ConvLayer", "ConvProgram", "ACTIVATIONS"]
 
 #: activation name -> ActMode value (see hw/types.py)
-ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "pact": 2}
 
 
 def _i64(a: Any) -> torch.Tensor:
@@ -174,9 +174,9 @@ class ConvProgram:
         if layer.activation not in ACTIVATIONS:
             fail(f"unknown activation {layer.activation!r}")
         clamp = 0
-        if layer.activation == "relu6":
+        if layer.activation in ("relu6", "pact"):
             if layer.clamp_max is None or not 0 <= layer.clamp_max <= fmt.max_mantissa:
-                fail(f"relu6 needs clamp_max in [0, {fmt.max_mantissa}], got {layer.clamp_max!r}")
+                fail(f"{layer.activation} needs clamp_max in [0, {fmt.max_mantissa}], got {layer.clamp_max!r}")
             clamp = int(layer.clamp_max)
 
         # rules A1/A2: accumulator LSB and alignment shifts

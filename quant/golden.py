@@ -30,6 +30,9 @@ __all__ = [
     "global_avg_pool",
     "apply_activation",
     "accumulator_bound",
+    "DP_MODES",
+    "split_msb_lsb",
+    "dual_precision_conv2d",
 ]
 
 _EXACT_F64 = 1 << 53
@@ -106,14 +109,15 @@ def apply_activation(m: torch.Tensor, activation: str | None,
                      clamp_max: int | torch.Tensor | None = None) -> torch.Tensor:
     """Rule R4: activations act on requantized mantissas. ``"relu"``: ``max(m, 0)``;
     ``"relu6"``: ``min(max(m, 0), clamp_max)`` with ``clamp_max`` = 6 quantized on the output
-    LSB (rule R5). ``None``: identity."""
+    LSB (rule R5); ``"pact"``: the same clamp with ``clamp_max = 2**b - 1``, the saturation of
+    the unsigned b-bit input of a dual-precision layer (rule G0). ``None``: identity."""
     if activation is None:
         return m
     if activation == "relu":
         return m.clamp(min=0)
-    if activation == "relu6":
+    if activation in ("relu6", "pact"):
         if clamp_max is None:
-            raise ValueError("relu6 needs clamp_max (6 on the output LSB)")
+            raise ValueError(f"{activation} needs clamp_max (its bound on the output LSB)")
         return torch.minimum(m.clamp(min=0), torch.as_tensor(clamp_max, dtype=torch.int64))
     raise ValueError(f"unknown activation {activation!r}")
 
@@ -194,3 +198,69 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     exponent is unchanged. ``[N, C, H, W] -> [N, C]`` (a host step)."""
     n, c, h, w = x.shape
     return div_round_half_even(x.to(torch.int64).sum(dim=(2, 3)), h * w)
+
+
+#: modes of a dual-precision conv (rules G1-G4): ``gated`` = Precision Gating (the LSB phase
+#: runs where the MSB partial sum passes the threshold), ``msb`` = the low precision of DFS
+#: (no LSB phase), ``full`` = every output gets its LSB phase (DFS full precision).
+DP_MODES = ("gated", "msb", "full")
+
+
+def split_msb_lsb(x: torch.Tensor, act_bits: int, msb_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rule G1: split unsigned ``act_bits``-bit activations into their top ``msb_bits`` bits
+    ``x >> L`` and the rest ``x & (2**L - 1)``, ``L = act_bits - msb_bits``. Refuses values
+    outside ``[0, 2**act_bits - 1]`` (the producer must clamp them, rule G0)."""
+    if not 1 <= msb_bits < act_bits:
+        raise ValueError(f"need 1 <= msb_bits < act_bits, got msb_bits={msb_bits}, act_bits={act_bits}")
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= (1 << act_bits)):
+        raise ValueError(f"dual-precision input outside [0, {(1 << act_bits) - 1}] "
+                         f"(min {int(x.min())}, max {int(x.max())})")
+    lsb_bits = act_bits - msb_bits
+    x = x.to(torch.int64)
+    return torch.bitwise_right_shift(x, lsb_bits), torch.bitwise_and(x, (1 << lsb_bits) - 1)
+
+
+def dual_precision_conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor,
+                          w_lsb: torch.Tensor, bias: torch.Tensor | None, *, act_bits: int,
+                          msb_bits: int, threshold: torch.Tensor | None = None,
+                          sign: torch.Tensor | None = None, mode: str = "gated",
+                          stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                          groups: int = 1
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer dual-precision conv (rules G1-G4): Precision Gating and DFS precisions.
+
+    ``x``: unsigned ``act_bits``-bit activations ``[N, C, H, W]`` with LSB ``x_lsb``;
+    ``w``/``w_lsb``/``bias`` as in :func:`conv2d_acc`. With ``L = act_bits - msb_bits``:
+
+    * G2 MSB phase: ``acc_hb = conv(x >> L, w)`` (aligned, exact, no bias);
+    * G3 gate: ``passed = sign[o] * (acc_hb << L) > threshold[o]``, strict, both integers in
+      accumulator units (``sign`` is +1 or -1 per filter, default +1); mode ``msb``: nothing
+      passes, ``full``: everything passes;
+    * G4 result: ``acc = (acc_hb << L) + passed * acc_lb + bias`` with
+      ``acc_lb = conv(x & (2**L - 1), w)``, so a passing output equals the plain conv.
+
+    Returns ``(acc [N, O, Ho, Wo], passed (bool, same shape), acc_lsb [O])``.
+    """
+    if mode not in DP_MODES:
+        raise ValueError(f"dual-precision mode must be one of {DP_MODES}, not {mode!r}")
+    x_hb, x_lb = split_msb_lsb(x, act_bits, msb_bits)
+    lsb_bits = act_bits - msb_bits
+    acc_hb, acc_lsb = conv2d_acc(x_hb, x_lsb, w, w_lsb, None, stride, padding, groups)
+    acc_lb, _ = conv2d_acc(x_lb, x_lsb, w, w_lsb, None, stride, padding, groups)
+    hb = torch.bitwise_left_shift(acc_hb, lsb_bits)
+    o = w.shape[0]
+    if mode == "gated":
+        if threshold is None:
+            raise ValueError("mode 'gated' needs a threshold per filter")
+        t = torch.as_tensor(threshold, dtype=torch.int64).reshape(-1).expand(o)
+        s = (torch.ones(o, dtype=torch.int64) if sign is None
+             else torch.as_tensor(sign, dtype=torch.int64).reshape(-1).expand(o))
+        if bool(((s != 1) & (s != -1)).any()):
+            raise ValueError("gate sign must be +1 or -1 per filter")
+        passed = s[None, :, None, None] * hb > t[None, :, None, None]
+    else:
+        passed = torch.full_like(hb, mode == "full", dtype=torch.bool)
+    acc = hb + torch.where(passed, acc_lb, torch.zeros_like(acc_lb))
+    if bias is not None:
+        acc = acc + bias.to(torch.int64)[None, :, None, None]
+    return acc, passed, acc_lsb

@@ -63,6 +63,16 @@ class QuantOp:
     bias: torch.Tensor | None = None
     joint_lsb: torch.Tensor | None = None
     clamp_max: torch.Tensor | None = None
+    # dual-precision conv (Precision Gating / DFS, rules G0-G4); None for a plain conv
+    dp_act_bits: int | None = None
+    dp_msb_bits: int | None = None
+    dp_threshold: torch.Tensor | None = None
+    dp_sign: torch.Tensor | None = None
+    dp_mode: str = "gated"
+
+    @property
+    def dual_precision(self) -> bool:
+        return self.dp_act_bits is not None
 
 
 def quant_points(graph: FloatGraph) -> dict[str, list[str]]:
@@ -149,6 +159,9 @@ class BFPProgram:
         """One op of the program on batched integer inputs (the host steps of a hardware run
         call this too, so host and golden share one implementation)."""
         fmt = self.fmt
+        if o.kind == "conv" and o.dual_precision:
+            acc, _ = self.dual_precision_acc(o, xs[0])
+            return self._finish(acc, o)
         if o.kind == "conv":
             acc, _ = golden.conv2d_acc(xs[0], self.lsb[o.inputs[0]], o.weight, o.w_lsb, o.bias,
                                        o.stride, o.padding, o.groups)
@@ -172,6 +185,16 @@ class BFPProgram:
         if o.kind == "relu":
             return golden.apply_activation(xs[0], o.activation, _cmax(o, xs[0].dim()))
         raise ValueError(f"layer {o.name!r}: unknown op kind {o.kind!r}")
+
+    def dual_precision_acc(self, o: QuantOp, x: torch.Tensor, mode: str | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulator and gate outcomes of dual-precision conv ``o`` (rules G1-G4) in mode
+        ``mode`` (default: the op's own ``dp_mode``). Returns ``(acc, passed)``."""
+        acc, passed, _ = golden.dual_precision_conv2d(
+            x, self.lsb[o.inputs[0]], o.weight, o.w_lsb, o.bias, act_bits=o.dp_act_bits,
+            msb_bits=o.dp_msb_bits, threshold=o.dp_threshold, sign=o.dp_sign,
+            mode=mode or o.dp_mode, stride=o.stride, padding=o.padding, groups=o.groups)
+        return acc, passed
 
     def _finish(self, acc: torch.Tensor, o: QuantOp) -> torch.Tensor:
         if o.out_lsb is None:

@@ -13,7 +13,7 @@ from typing import Any
 __all__ = ["render_header", "STEP_KINDS", "ACTIVATIONS"]
 
 STEP_KINDS = ("engine", "quantize_input", "maxpool", "avgpool", "flatten", "add", "concat", "relu")
-ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "pact": 2}
 
 _DESC_FIELDS = ("height", "width", "out_height", "out_width", "in_words", "out_tiles",
                 "kernel_h", "kernel_w", "stride", "pad", "act", "clamp_max", "residual")
