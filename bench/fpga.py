@@ -77,7 +77,7 @@ def main() -> int:
     p.add_argument("--speed", type=int, default=6, choices=[6, 7, 8])
     p.add_argument("--memories", default="auto", choices=MEMORY_MODES,
                    help="memories around the engine (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="per tool run, s (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=7200.0, help="per tool run, s (default: %(default)s)")
     p.add_argument("--components", action="store_true",
                    help="also time each engine component of the last config between registers")
     p.add_argument("--no-cache", action="store_true")

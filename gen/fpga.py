@@ -417,7 +417,7 @@ class FpgaOptions:
     speed: int = 6              # ECP5 speed grade (6 is the slowest and most common)
     dsp: str = "auto"           # auto | all | none | <lanes>
     seed: int = 1
-    timeout_s: float | None = 3600.0
+    timeout_s: float | None = 7200.0
     cache_dir: Path | None = Path("build/cache/fpga")
 
     def key(self) -> str:
@@ -862,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dsp", default="auto",
                    help="output lanes on DSPs: auto, all, none or a number (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr seed (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="per tool, seconds (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=7200.0, help="per tool, seconds (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: build/<model>)")
     p.add_argument("--no-cache", action="store_true", help="ignore build/cache/fpga")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs / report.md sections")
@@ -890,7 +890,10 @@ def main(argv: list[str] | None = None) -> int:
     _write_atomic(out / "fpga.json", json.dumps(fd, indent=1, sort_keys=True) + "\n")
     md = fpga_markdown(fd)
     _write_atomic(out / "fpga.md", md)
-    if rep is not None and not args.no_plots:
+    if rep is not None and not args.no_plots and rep.get("hw") != cfg.to_dict():
+        log.info("fpga: %s/report.json is for another hardware config; report.md and its "
+                 "plots are left alone (fpga.json / fpga.md are written)", out)
+    elif rep is not None and not args.no_plots:
         try:
             from .plots import update_report_md
             update_report_md(out, rep, fd)
