@@ -8,9 +8,14 @@ Steps (each ``step_<name>(state) -> state``, timed and logged):
 * ``calibrate``: BN folding + offline exponents (KL by default) on seeded calibration images.
 * ``layer_program``: map onto the engine of the hardware config (clear error per layer).
 * ``verilog``: emit the engine's Verilog and its port metadata.
-* ``report``: ``report.json`` + ``report.md``.
+* ``report``: ``report.json`` + ``report.md`` + plots (per-layer cycles and utilization, the
+  roofline at the Fmax of an earlier ``make fpga`` of the same hardware config, else at the
+  nominal target clock, said so).
 
-Same inputs give byte-identical files (no timestamps; seeded everything).
+Same inputs give byte-identical files (no timestamps; seeded everything). When a step fails,
+the steps before it are kept and ``report.md`` / ``report.json`` record the failure (step,
+error) before the error is raised: the output folder is still replaced in one move, never
+half-written.
 """
 
 from __future__ import annotations
@@ -127,13 +132,51 @@ def step_verilog(st: GenState) -> GenState:
     return st
 
 
+def _earlier_fmax(out_dir: Path, hw: HwConfig) -> dict[str, Any] | None:
+    """The FPGA result of an earlier ``make fpga`` into ``out_dir`` for this same hardware
+    config (so the roofline can use a measured Fmax), or None."""
+    path = Path(out_dir) / "fpga.json"
+    try:
+        fd = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if fd.get("hw") != hw.to_dict() or fd.get("fmax_mhz") is None:
+        return None
+    return fd
+
+
 def step_report(st: GenState) -> GenState:
     rep = report_dict(st.layer_program)
     rep["random_weights"] = st.random_weights
     _write_json(st.work / "report.json", rep)
     _write_text(st.work / "report.md", report_markdown(rep))
     _write_text(st.work / "hw.yaml", yaml.safe_dump(st.opts.hw.to_dict(), sort_keys=True))
+    fpga = _earlier_fmax(st.opts.out_dir, st.opts.hw)
+    if fpga is not None:
+        shutil.copyfile(Path(st.opts.out_dir) / "fpga.json", st.work / "fpga.json")
+    from .plots import update_report_md
+    update_report_md(st.work, rep, fpga)
     return st
+
+
+def _failure_report(st: GenState, step: str, exc: BaseException) -> None:
+    """Record a failed step in report.json / report.md (with the per-layer table when the
+    layer program was built before the failure)."""
+    failure = {"step": step, "error": f"{type(exc).__name__}: {exc}",
+               "completed_steps": [n for n, _ in STEPS if n in st.timings]}
+    rep: dict[str, Any] = {"model": st.opts.model, "hw": st.opts.hw.to_dict(), "failed": failure}
+    md = ""
+    if st.layer_program is not None:
+        rep.update(report_dict(st.layer_program))
+        rep["failed"] = failure
+        md = report_markdown(rep) + "\n"
+    else:
+        md = f"# {st.opts.model} on the BFP engine `{st.opts.hw.name}`\n\n"
+    md += (f"## Failed\n\nStep **{step}** failed: `{failure['error']}`.\n\n"
+           f"Completed steps: {', '.join(failure['completed_steps']) or 'none'}. Their outputs "
+           "are in this folder; later steps did not run.\n")
+    _write_json(st.work / "report.json", rep)
+    _write_text(st.work / "report.md", md)
 
 
 STEPS: list[tuple[str, Callable[[GenState], GenState]]] = [
@@ -156,26 +199,40 @@ def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     st = GenState(opts, work)
+    failed: BaseException | None = None
     try:
         for name, fn in STEPS:
             if name not in wanted:
                 continue
             t0 = time.perf_counter()
             log.info("step %s ...", name)
-            st = fn(st)
+            try:
+                st = fn(st)
+            except Exception as exc:  # recorded in the report, then raised
+                log.error("step %s failed: %s", name, exc)
+                _failure_report(st, name, exc)
+                failed = exc
+                break
             st.timings[name] = time.perf_counter() - t0
             log.info("step %s done in %.2f s", name, st.timings[name])
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if out.exists():
-            os.replace(out, old)
-        work.chmod(0o755)  # mkdtemp makes it private
-        os.replace(work, out)
-        if old.exists():
-            shutil.rmtree(old)
+        _replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     st.work = out
+    if failed is not None:
+        raise failed
     return st
+
+
+def _replace_dir(work: Path, out: Path) -> None:
+    """Move the finished ``work`` folder onto ``out`` (the old one is removed after)."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    work.chmod(0o755)  # mkdtemp makes it private
+    os.replace(work, out)
+    if old.exists():
+        shutil.rmtree(old)

@@ -89,15 +89,25 @@ def test_pipeline_is_deterministic_and_atomic(tmp_path):
     run(dataclasses.replace(opts, out_dir=tmp_path / "b"))
     a, b = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
     assert set(a) >= {"program.json", "report.json", "report.md", "rtl/conv_engine.v",
-                      "rtl/conv_engine.component.json", "calibrated.pt", "hw.yaml"}
+                      "rtl/conv_engine.component.json", "calibrated.pt", "hw.yaml",
+                      "cycles.png", "utilization.png", "roofline.png"}
+    assert a["cycles.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"![roofline](roofline.png)" in a["report.md"]
     assert a == b
     rep = json.loads(a["report.json"])
     assert rep["totals"]["engine_layers"] == 4 and rep["layers"][0]["macs"] > 0
-    # a failing run leaves the previous output untouched and no temporary folder behind
+    # a failing step is raised, and recorded in the report next to the earlier steps'
+    # outputs; the folder is replaced in one move and no temporary folder stays behind
     bad = dataclasses.replace(opts, hw=dataclasses.replace(HW, name="narrow", max_in_channels=8))
     with pytest.raises(MappingError):
         run(bad)
-    assert _tree_bytes(tmp_path / "a") == a
+    failed = _tree_bytes(tmp_path / "a")
+    assert set(failed) == {"calibrated.pt", "report.json", "report.md"}
+    rep = json.loads(failed["report.json"])
+    assert rep["failed"]["step"] == "layer_program"
+    assert "max_in_channels" in rep["failed"]["error"] or "8" in rep["failed"]["error"]
+    assert rep["failed"]["completed_steps"] == ["model", "calibrate"]
+    assert b"Step **layer_program** failed" in failed["report.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
@@ -107,3 +117,22 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert gen_main(["--model", "digits_net", "--hw", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_roofline_uses_the_fmax_of_an_earlier_fpga_run_of_the_same_hw(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    fd = {"hw": HW.to_dict(), "fmax_mhz": 77.7, "ok": True, "datapath": "4x4", "pe": 16,
+          "device": "ecp5-85k", "freq_target_mhz": 150.0, "speed_grade": 6, "seed": 1,
+          "dsp_lanes": 4, "memories": "shallow", "timing_met": False, "peak_gmacs": 1.24,
+          "luts": 1000, "ffs": 500, "dsps": 16, "brams": 8, "available": {}, "runs": []}
+    (out / "fpga.json").write_text(json.dumps(fd))
+    run(GenOptions(model="digits_net", hw=HW, out_dir=out, calib_images=1))
+    md = (out / "report.md").read_text()
+    assert "77.7 MHz (nextpnr Fmax)" in md
+    assert json.loads((out / "fpga.json").read_text())["fmax_mhz"] == 77.7
+    # another hardware config's result is not used
+    other = dataclasses.replace(HW, name="other", lanes=HW.lanes * 2)
+    (out / "fpga.json").write_text(json.dumps(dict(fd, hw=other.to_dict())))
+    run(GenOptions(model="digits_net", hw=HW, out_dir=out, calib_images=1))
+    assert "(target; no FPGA result)" in (out / "report.md").read_text()
