@@ -25,10 +25,12 @@ __all__ = ["calibrate_graph", "calibrate"]
 
 @torch.no_grad()
 def calibrate_graph(graph: FloatGraph, batches: Iterable[torch.Tensor], cfg: QuantConfig,
-                    progress: bool = True, shapes: dict[str, tuple[int, ...]] | None = None
-                    ) -> BFPProgram:
+                    progress: bool = True, shapes: dict[str, tuple[int, ...]] | None = None,
+                    overrides: dict[str, torch.Tensor] | None = None) -> BFPProgram:
     """Observe every quantization point of ``graph`` on ``batches`` and build the program.
-    ``shapes`` (if given) receives every tensor's per-image shape."""
+    ``shapes`` (if given) receives every tensor's per-image shape. ``overrides`` fixes the
+    shared exponents of some points instead of the observers' (e.g. the static PACT scale of
+    a Precision Gating input); an unknown point name is an error."""
     # rule R6: the network output always takes the max exponent (as the Static BFP code)
     observers = {p: make_observer(cfg if p != graph.output else
                                   dataclasses.replace(cfg, method="max"))
@@ -39,6 +41,10 @@ def calibrate_graph(graph: FloatGraph, batches: Iterable[torch.Tensor], cfg: Qua
     if not channels:
         raise ValueError("calibration needs at least one batch of images")
     exps = {p: obs.calculate_qparams().to(torch.int64) for p, obs in observers.items()}
+    for p, e in (overrides or {}).items():
+        if p not in exps:
+            raise ValueError(f"exponent override for unknown quantization point {p!r}")
+        exps[p] = torch.as_tensor(e, dtype=torch.int64).reshape(-1).expand_as(exps[p]).clone()
     return build_program(graph, cfg, exps, channels)
 
 

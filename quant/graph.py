@@ -4,8 +4,8 @@ The graph is the common skeleton of calibration, the integer program, the fake-q
 the generator's layer program. Each :class:`Node` produces one tensor, named after the module
 that makes it (``layer1.0.conv1``); inputs refer to those names.
 
-Supported: Conv2d (+ BatchNorm2d, folded; + ReLU/ReLU6, fused when the conv is its only
-producer), Linear, residual add (+ ReLU), channel concat, MaxPool2d, global average pooling
+Supported: Conv2d (+ BatchNorm2d, folded; + ReLU/ReLU6/Hardtanh(0, α) ("pact", a clamp at
+α), fused when the conv is its only producer), Linear, residual add (+ ReLU), channel concat, MaxPool2d, global average pooling
 (AdaptiveAvgPool2d(1) / AvgPool2d over the whole map), flatten, Dropout/Identity (dropped).
 Anything else raises :class:`UnsupportedLayerError` naming the node.
 """
@@ -34,7 +34,8 @@ class Node:
 
     ``kind`` is one of ``input conv linear add concat maxpool avgpool flatten relu``.
     For ``conv``/``linear``, ``weight``/``bias`` are the BN-folded float64 parameters.
-    ``activation`` is ``None``, ``"relu"`` or ``"relu6"`` (fused).
+    ``activation`` is ``None``, ``"relu"``, ``"relu6"`` or ``"pact"`` (fused; ``"pact"`` clamps
+    to ``[0, attrs["pact_alpha"]]``).
     """
 
     name: str
@@ -78,7 +79,7 @@ class FloatGraph:
                 pre = y
             else:
                 pre = _float_op(n, [env[i] for i in n.inputs])
-                y = _activate(pre, n.activation)
+                y = _activate(pre, n.activation, n.attrs.get("pact_alpha"))
             env[n.name] = y
             if record is not None:
                 record[n.name] = y
@@ -87,13 +88,16 @@ class FloatGraph:
         return env[self.output]
 
 
-def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+def _activate(x: torch.Tensor, activation: str | None, alpha: float | None = None
+              ) -> torch.Tensor:
     if activation is None:
         return x
     if activation == "relu":
         return F.relu(x)
     if activation == "relu6":
         return x.clamp(0.0, 6.0)
+    if activation == "pact":
+        return x.clamp(0.0, alpha)
     raise ValueError(activation)
 
 
@@ -172,7 +176,7 @@ def trace(model: nn.Module) -> FloatGraph:
         by_name[node.name] = node
         alias[fx_name] = node.name
 
-    def fuse_activation(fx_node: torch.fx.Node, act: str) -> bool:
+    def fuse_activation(fx_node: torch.fx.Node, act: str, alpha: float | None = None) -> bool:
         """Fuse ``act`` into the producer of fx_node's input when it has that one user."""
         arg = fx_node.args[0]
         prod = by_name.get(alias.get(arg.name, ""))
@@ -181,6 +185,8 @@ def trace(model: nn.Module) -> FloatGraph:
         if len(users[arg.name]) != 1:
             return False
         prod.activation = act
+        if alpha is not None:
+            prod.attrs["pact_alpha"] = alpha
         alias[fx_node.name] = prod.name
         return True
 
@@ -214,6 +220,14 @@ def trace(model: nn.Module) -> FloatGraph:
                 prod.weight, prod.bias = fold_bn(conv, mod)
                 prod.attrs["bn"] = name
                 alias[fx.name] = prod.name
+            elif isinstance(mod, nn.Hardtanh) and not isinstance(mod, nn.ReLU6):
+                if float(mod.min_val) != 0.0 or not float(mod.max_val) > 0.0:
+                    raise UnsupportedLayerError(f"layer {name!r}: only Hardtanh(0, alpha > 0) "
+                                                "(a PACT clip) is supported")
+                alpha = float(mod.max_val)
+                if not fuse_activation(fx, "pact", alpha):
+                    emit(Node(name, "relu", [src(fx.args[0])], activation="pact",
+                              attrs={"pact_alpha": alpha}), fx.name)
             elif isinstance(mod, (nn.ReLU, nn.ReLU6)):
                 act = "relu" if isinstance(mod, nn.ReLU) else "relu6"
                 if not fuse_activation(fx, act):

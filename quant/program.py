@@ -356,6 +356,9 @@ def build_program(graph: FloatGraph, cfg: QuantConfig, exponents: dict[str, torc
         if n.activation == "relu6":
             op.clamp_max = quantize(torch.full((channels[n.name],), 6.0, dtype=torch.float64),
                                     op.out_lsb, fmt)
+        elif n.activation == "pact":  # rule G0: the PACT clip α on the output LSB
+            op.clamp_max = quantize(torch.full((channels[n.name],), n.attrs["pact_alpha"],
+                                               dtype=torch.float64), op.out_lsb, fmt)
         lsb[n.name] = op.out_lsb
         ops.append(op)
     return BFPProgram(cfg, ops, lsb, graph.output, dict(exponents))
