@@ -11,8 +11,10 @@ from .types import addr_width, desc_layout
 
 __all__ = ["AddressGen", "token_layout", "SETUP_CYCLES"]
 
-#: cycles between ``start`` and the first issued step (descriptor products, 2 registered stages)
-SETUP_CYCLES = 2
+#: cycles between ``start`` and the first issued step: 4 registered stages (descriptor
+#: products, their second-level products and "minus one" limits, the kernel origin, the
+#: origin of the next pixel / row)
+SETUP_CYCLES = 4
 
 
 def token_layout(cfg: HwConfig) -> data.StructLayout:
@@ -36,7 +38,10 @@ class AddressGen(wiring.Component):
     activation address advances by 1 (``kx*CW + cw`` is contiguous), a new kernel row adds
     ``(W - kw)*CW + 1``, a new tile restarts at the pixel origin, a new pixel adds
     ``stride*CW``, a new row ``stride*W*CW``. These steps are computed from the descriptor in
-    :data:`SETUP_CYCLES` registered cycles after ``start``. The weight address runs
+    :data:`SETUP_CYCLES` registered cycles after ``start``. For Fmax every per-step decision
+    is a flip-flop: each loop counter carries a registered "is last" flag, and the origins of
+    the next pixel and row are kept one addition ahead, so a step only adds +1 or
+    ``row_skip`` to the activation address and selects among registers. The weight address runs
     ``((t*kh + ky)*kw + kx)*CW + cw``, i.e. +1 per step, back to 0 at each new pixel.
 
     Parameters
@@ -95,11 +100,12 @@ class AddressGen(wiring.Component):
         aw = signed(bits_for(span) + kbits + bits_for(cfg.max_stride) + 2)
         pos_w = signed(bits_for(cfg.max_dim) + kbits + 2)
 
-        # setup products
+        # setup products (each registered: no multiplier feeds an adder in the same cycle)
         wcw = Signal(unsigned(bits_for(cfg.max_dim * cfg.max_in_words)))
         kwcw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)))
         pix_step = Signal(unsigned(bits_for(cfg.max_stride * cfg.max_in_words)))
         pad_cw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)))
+        pad_wcw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_dim * cfg.max_in_words)))
         row_skip = Signal(aw)
         row_step = Signal(aw)
         # "minus one" limits, registered once
@@ -124,24 +130,40 @@ class AddressGen(wiring.Component):
         a_addr = Signal(aw)      # (iy*W + ix)*CW + cw
         pix_addr = Signal(aw)    # kernel origin of this pixel
         row_addr = Signal(aw)    # kernel origin of ox = 0 in this row
+        pix_next = Signal(aw)    # pix_addr + pix_step, kept one step ahead
+        row_next = Signal(aw)    # row_addr + row_step, kept one step ahead
         w_addr = Signal.like(self.wgt_addr)
         al_base = Signal.like(self.wgt_addr)   # t*CW
         al_addr = Signal.like(self.wgt_addr)   # t*CW + cw
         o_addr = Signal(unsigned(addr_width(cfg.out_depth)))
+        first = Signal()         # cw == kx == ky == 0
 
-        last_cw = cw == cw_max
-        last_kx = kx == kx_max
-        last_ky = ky == ky_max
-        last_t = t == t_max
-        last_ox = ox == ox_max
-        last_oy = oy == oy_max
+        # Each loop counter c carries a registered flag last_c = (c == c_max), updated with
+        # the counter from "c == c_max - 1" (on increment) or "c_max == 0" (on wrap), so the
+        # loop decisions below are flip-flop outputs, not comparator chains.
+        counters = {"cw": (cw, cw_max), "kx": (kx, kx_max), "ky": (ky, ky_max),
+                    "t": (t, t_max), "ox": (ox, ox_max), "oy": (oy, oy_max)}
+        last_f = {n: Signal(name=f"last_{n}") for n in counters}
+        max_m1 = {n: Signal.like(c, name=f"{n}_max_m1") for n, (c, _) in counters.items()}
+        max_z = {n: Signal(name=f"{n}_max_zero") for n in counters}
+
+        def incr(n):
+            c, _ = counters[n]
+            return [c.eq(c + 1), last_f[n].eq(c == max_m1[n])]
+
+        def wrap(n):
+            c, _ = counters[n]
+            return [c.eq(0), last_f[n].eq(max_z[n])]
+
+        last_cw, last_kx, last_ky = last_f["cw"], last_f["kx"], last_f["ky"]
+        last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
         last = last_cw & last_kx & last_ky
 
         m.d.comb += [
             self.act_addr.eq(a_addr),
             self.wgt_addr.eq(w_addr),
             self.token.pad.eq((iy < 0) | (iy >= d.height) | (ix < 0) | (ix >= d.width)),
-            self.token.first.eq((cw == 0) & (kx == 0) & (ky == 0)),
+            self.token.first.eq(first),
             self.token.last.eq(last),
             self.token.final.eq(last & last_t & last_ox & last_oy),
             self.token.tile.eq(t),
@@ -170,47 +192,61 @@ class AddressGen(wiring.Component):
                 m.next = "SETUP2"
             with m.State("SETUP2"):
                 m.d.comb += self.busy.eq(1)
-                origin = -(d.pad * wcw + pad_cw)
                 m.d.sync += [
+                    pad_wcw.eq(d.pad * wcw),
                     row_skip.eq(wcw - kwcw + 1),
                     row_step.eq(d.stride * wcw),
+                ]
+                for n, (_, cmax) in counters.items():
+                    m.d.sync += [max_m1[n].eq(cmax - 1), max_z[n].eq(cmax == 0)]
+                m.next = "SETUP3"
+            with m.State("SETUP3"):
+                m.d.comb += self.busy.eq(1)
+                origin = -(pad_wcw + pad_cw)
+                m.d.sync += [
                     a_addr.eq(origin), pix_addr.eq(origin), row_addr.eq(origin),
-                    oy.eq(0), ox.eq(0), t.eq(0), ky.eq(0), kx.eq(0), cw.eq(0),
+                    oy.eq(0), ox.eq(0), t.eq(0), ky.eq(0), kx.eq(0), cw.eq(0), first.eq(1),
                     iy_row.eq(-d.pad), ix_pix.eq(-d.pad), iy.eq(-d.pad), ix.eq(-d.pad),
                     w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
                 ]
+                m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
+                m.next = "SETUP4"
+            with m.State("SETUP4"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [pix_next.eq(pix_addr + pix_step), row_next.eq(row_addr + row_step)]
                 m.next = "RUN"
             with m.State("RUN"):
                 m.d.comb += [self.busy.eq(1), self.token.valid.eq(1)]
-                m.d.sync += w_addr.eq(w_addr + 1)
+                m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
                 with m.If(~last_cw):
-                    m.d.sync += [cw.eq(cw + 1), a_addr.eq(a_addr + 1), al_addr.eq(al_addr + 1)]
+                    m.d.sync += [*incr("cw"), a_addr.eq(a_addr + 1), al_addr.eq(al_addr + 1)]
                 with m.Elif(~last_kx):
-                    m.d.sync += [cw.eq(0), kx.eq(kx + 1), ix.eq(ix + 1),
+                    m.d.sync += [*wrap("cw"), *incr("kx"), ix.eq(ix + 1),
                                  a_addr.eq(a_addr + 1), al_addr.eq(al_base)]
                 with m.Elif(~last_ky):
-                    m.d.sync += [cw.eq(0), kx.eq(0), ky.eq(ky + 1), ix.eq(ix_pix), iy.eq(iy + 1),
-                                 a_addr.eq(a_addr + row_skip), al_addr.eq(al_base)]
+                    m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), ix.eq(ix_pix),
+                                 iy.eq(iy + 1), a_addr.eq(a_addr + row_skip), al_addr.eq(al_base)]
                 with m.Else():
-                    m.d.sync += [cw.eq(0), kx.eq(0), ky.eq(0), o_addr.eq(o_addr + 1)]
+                    m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
+                                 o_addr.eq(o_addr + 1)]
                     with m.If(~last_t):
-                        m.d.sync += [t.eq(t + 1), ix.eq(ix_pix), iy.eq(iy_row), a_addr.eq(pix_addr),
+                        m.d.sync += [*incr("t"), ix.eq(ix_pix), iy.eq(iy_row), a_addr.eq(pix_addr),
                                      al_base.eq(al_base + d.in_words),
                                      al_addr.eq(al_base + d.in_words)]
                     with m.Else():
-                        m.d.sync += [t.eq(0), al_base.eq(0), al_addr.eq(0), w_addr.eq(0)]
+                        m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0)]
                         with m.If(~last_ox):
-                            m.d.sync += [ox.eq(ox + 1), ix_pix.eq(ix_pix + d.stride),
+                            m.d.sync += [*incr("ox"), ix_pix.eq(ix_pix + d.stride),
                                          ix.eq(ix_pix + d.stride), iy.eq(iy_row),
-                                         pix_addr.eq(pix_addr + pix_step),
-                                         a_addr.eq(pix_addr + pix_step)]
+                                         pix_addr.eq(pix_next), a_addr.eq(pix_next),
+                                         pix_next.eq(pix_next + pix_step)]
                         with m.Elif(~last_oy):
-                            m.d.sync += [ox.eq(0), oy.eq(oy + 1),
+                            m.d.sync += [*wrap("ox"), *incr("oy"),
                                          ix_pix.eq(-d.pad), ix.eq(-d.pad),
                                          iy_row.eq(iy_row + d.stride), iy.eq(iy_row + d.stride),
-                                         row_addr.eq(row_addr + row_step),
-                                         pix_addr.eq(row_addr + row_step),
-                                         a_addr.eq(row_addr + row_step)]
+                                         row_addr.eq(row_next), pix_addr.eq(row_next),
+                                         a_addr.eq(row_next), row_next.eq(row_next + row_step),
+                                         pix_next.eq(row_next + pix_step)]
                         with m.Else():
                             m.next = "IDLE"
         return m

@@ -33,6 +33,11 @@ MEMORIES = {
 }
 
 
+#: cycles from a memory address to its word in the engine's input register: the memory's read
+#: latency (1) plus one register, so no block-RAM output drives logic directly
+READ_DELAY = 2
+
+
 def _depth(cfg: HwConfig, field: str) -> int:
     return cfg.max_tiles if field == "tiles" else getattr(cfg, field)
 
@@ -49,7 +54,8 @@ class ConvEngine(wiring.Component):
     written. Cycles = ``SETUP_CYCLES + Ho*Wo*T*kh*kw*CW + latency``
     (:func:`dynacc.hw.cycles.conv_cycles`).
 
-    Memories are outside (ports named after :data:`MEMORIES`), read latency 1:
+    Memories are outside (ports named after :data:`MEMORIES`), read latency 1; every read word
+    is registered in the engine before any logic uses it (:data:`READ_DELAY`):
 
     ==========  ================================  ======================================
     port        address                           word
@@ -117,12 +123,13 @@ class ConvEngine(wiring.Component):
     def stages(cfg: HwConfig) -> dict[str, int]:
         """Pipeline stage (cycles after the issue of a step) of each unit's input.
 
-        ``mac``: memory data (read latency 1) enters the MAC trees; ``align``: tree sums
+        ``mac``: memory data (read latency 1, then the engine's input register:
+        :data:`READ_DELAY`) enters the MAC trees; ``align``: tree sums
         enter the aligners; ``acc``: the accumulators; ``rq``: the accumulator / residual
         requantizers; ``sum``: the joint-sum requantizer; ``act``: the activation;
         ``write``: the output word is written.
         """
-        s = {"mac": 1}
+        s = {"mac": READ_DELAY}
         s["align"] = s["mac"] + mac_tree_latency(cfg.lanes, cfg.tree_levels_per_stage)
         s["acc"] = s["align"] + Aligner.LATENCY
         s["rq"] = s["acc"] + Accumulator.LATENCY
@@ -155,23 +162,34 @@ class ConvEngine(wiring.Component):
 
         for name in ("act", "wgt", "align", "bias", "quant", "res"):
             m.d.comb += getattr(self, name).en.eq(1)
+        rd = READ_DELAY
         m.d.comb += [
             self.act.addr.eq(agen.act_addr),
             self.wgt.addr.eq(agen.wgt_addr),
-            self.align.addr.eq(tk[st["align"] - 1].align_addr),
-            self.bias.addr.eq(tk[st["acc"] - 1].tile),
-            self.quant.addr.eq(tk[st["rq"] - 1].tile),
-            self.res.addr.eq(tk[st["rq"] - 1].out_addr),
+            self.align.addr.eq(tk[st["align"] - rd].align_addr),
+            self.bias.addr.eq(tk[st["acc"] - rd].tile),
+            self.quant.addr.eq(tk[st["rq"] - rd].tile),
+            self.res.addr.eq(tk[st["rq"] - rd].out_addr),
         ]
+
+        # input registers of the read words (data-path only: no reset); a padded activation
+        # word and a disabled residual are zeroed here (a synchronous clear of the register)
+        def rd_reg(name):
+            r = Signal.like(getattr(self, name).data, name=f"{name}_r", reset_less=True)
+            m.d.sync += r.eq(getattr(self, name).data)
+            return r
+
+        x = rd_reg("act")
+        with m.If(tk[st["mac"] - 1].pad):
+            m.d.sync += x.eq(0)
+        wgt_r, align_r, bias_r, quant_r = (rd_reg(n) for n in ("wgt", "align", "bias", "quant"))
+        res_r = rd_reg("res")
+        with m.If(~self.desc.residual):
+            m.d.sync += res_r.eq(0)
 
         # residual requantizer shifts arrive at stage rq; the output shift is used at stage sum
         out_shift = [Signal(shift_shape(cfg), name=f"out_shift{o}") for o in range(k)]
         out_shift_d = [Signal(shift_shape(cfg), name=f"out_shift_d{o}") for o in range(k)]
-
-        x = Signal(act_word_layout(cfg))
-        m.d.comb += x.eq(self.act.data)
-        with m.If(tk[st["mac"]].pad):
-            m.d.comb += x.eq(0)
 
         for o in range(k):
             mac = MacTree(k, mantissa_bits=cfg.mantissa_bits,
@@ -185,24 +203,20 @@ class ConvEngine(wiring.Component):
             for nm, sub in (("mac", mac), ("aln", aln), ("acc", acc), ("rqa", rq_acc),
                             ("rqr", rq_res), ("rqo", rq_out), ("act", act)):
                 m.submodules[f"{nm}{o}"] = sub
-            res = Signal(signed(cfg.mantissa_bits), name=f"res{o}")
-            m.d.comb += res.eq(self.res.data[o])
-            with m.If(~self.desc.residual):
-                m.d.comb += res.eq(0)
             m.d.comb += [
                 mac.x.eq(x),
-                mac.w.eq(self.wgt.data[o]),
+                mac.w.eq(wgt_r[o]),
                 aln.i.eq(mac.o),
-                aln.d.eq(self.align.data[o]),
+                aln.d.eq(align_r[o]),
                 acc.i.eq(aln.o),
-                acc.bias.eq(self.bias.data[o]),
+                acc.bias.eq(bias_r[o]),
                 acc.first.eq(tk[st["acc"]].first),
                 acc.en.eq(tk[st["acc"]].valid),
                 rq_acc.i.eq(acc.o),
-                rq_acc.shift.eq(self.quant.data[o].acc),
-                rq_res.i.eq(res),
-                rq_res.shift.eq(self.quant.data[o].res),
-                out_shift[o].eq(self.quant.data[o].out),
+                rq_acc.shift.eq(quant_r[o].acc),
+                rq_res.i.eq(res_r[o]),
+                rq_res.shift.eq(quant_r[o].res),
+                out_shift[o].eq(quant_r[o].out),
                 rq_out.i.eq(rq_acc.o + rq_res.o),
                 rq_out.shift.eq(out_shift_d[o]),
                 act.i.eq(rq_out.o),

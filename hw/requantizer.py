@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -22,7 +22,11 @@ class Requantizer(wiring.Component):
     ``[1, in_width]``. ``shift <= 0``: exact left shift; any non-zero input shifted by
     ``M - 1`` or more saturates, so the left shifter only spans ``[0, M - 1]``.
 
-    Stage 1 registers the shifted value and the round-up bit, stage 2 adds and saturates.
+    Five registered stages, each a few LUT levels deep: (1) the input and the decoded shift
+    amount ``r1 = min(shift, in_width) - 1 = hi*G + lo`` (G = :attr:`GRANULE`); (2) the coarse
+    right shift by ``hi*G`` with the sticky OR of the dropped whole chunks, and the left
+    shift; (3) the fine right shift by ``lo``, the rest of the sticky bit and the round-up
+    bit; (4) the rounding add (or the left-shifted value); (5) the saturation.
 
     Parameters
     ----------
@@ -37,11 +41,13 @@ class Requantizer(wiring.Component):
     -------
     i : In(signed(in_width))
     shift : In(signed(shift_bits))
-    o : Out(signed(M)), latency 2.
+    o : Out(signed(M)), latency 5.
     """
 
     #: pipeline registers between input and output
-    LATENCY = 2
+    LATENCY = 5
+    #: bits per step of the coarse right shift (a G:1 mux remains for the fine step)
+    GRANULE = 8
 
     def __init__(self, fmt: BFPFormat, *, in_width: int, shift_bits: int):
         if not isinstance(fmt, BFPFormat):
@@ -73,43 +79,71 @@ class Requantizer(wiring.Component):
         mb = self._fmt.mantissa_bits
         max_m = self._fmt.max_mantissa
         max_left = mb - 1
+        g = self.GRANULE
+        n_chunks = -(-w // g)
 
+        # stage 1: register the input and decode the shift
+        # right path: r1 = min(shift, w) - 1 in [0, w - 1], split as r1 = hi*G + lo
+        # left path: l = min(-shift, M - 1)
         pos = Signal()
         m.d.comb += pos.eq(self.shift > 0)
-
-        # right path: r1 = min(shift, w) - 1 in [0, w - 1]
         r1 = Signal(range(w))
         with m.If(self.shift >= w):
             m.d.comb += r1.eq(w - 1)
         with m.Elif(pos):
             m.d.comb += r1.eq(self.shift - 1)
-        t = Signal(signed(w))            # i >> (s - 1): guard bit at the bottom
-        m.d.comb += t.eq(self.i >> r1)
-        drop = Signal(range(w + 1))
-        m.d.comb += drop.eq(w - r1)
-        low_mask = Signal(unsigned(w))   # the r1 bits below the guard bit
-        m.d.comb += low_mask.eq(Const((1 << w) - 1, unsigned(w)) >> drop)
-        sticky = Signal()
-        m.d.comb += sticky.eq((self.i.as_unsigned() & low_mask).any())
-        q = t >> 1
-        up = t[0] & (sticky | q[0])
-
-        # left path: l = min(-shift, M - 1)
         left = Signal(range(max_left + 1))
         with m.If(self.shift <= -max_left):
             m.d.comb += left.eq(max_left)
         with m.Elif(~pos):
             m.d.comb += left.eq(-self.shift)
-        shl = self.i << left
+        i1 = Signal(signed(w))
+        hi1 = Signal(range(n_chunks))
+        lo1 = Signal(range(g))
+        left1 = Signal.like(left)
+        pos1 = Signal()
+        m.d.sync += [i1.eq(self.i), hi1.eq(r1 // g), lo1.eq(r1 % g), left1.eq(left),
+                     pos1.eq(pos)]
 
-        q_r = Signal(signed(w))
-        up_r = Signal()
-        shl_r = Signal(signed(w + max_left))
-        pos_r = Signal()
-        m.d.sync += [q_r.eq(q), up_r.eq(up), shl_r.eq(shl), pos_r.eq(pos)]
+        # stage 2: coarse right shift by hi*G; sticky of the hi*G dropped bits (OR of whole
+        # chunks); left shift
+        chunk_or = Signal(n_chunks)
+        m.d.comb += chunk_or.eq(Cat(*(i1[j * g:min((j + 1) * g, w)].any()
+                                      for j in range(n_chunks))))
+        keep_chunks = Signal(range(n_chunks + 1))
+        m.d.comb += keep_chunks.eq(n_chunks - hi1)
+        chunk_mask = Signal(n_chunks)    # the hi chunks below the coarse cut
+        m.d.comb += chunk_mask.eq(Const((1 << n_chunks) - 1, unsigned(n_chunks)) >> keep_chunks)
+        c2 = Signal(signed(w))
+        sc2 = Signal()
+        lo2 = Signal.like(lo1)
+        shl2 = Signal(signed(w + max_left))
+        pos2 = Signal()
+        m.d.sync += [c2.eq(i1 >> (hi1 * g)), sc2.eq((chunk_or & chunk_mask).any()),
+                     lo2.eq(lo1), shl2.eq(i1 << left1), pos2.eq(pos1)]
 
+        # stage 3: fine right shift by lo (t = i >> (shift - 1), guard bit at the bottom),
+        # sticky of the lo bits below the guard bit, round-up bit
+        t = Signal(signed(w))
+        m.d.comb += t.eq(c2 >> lo2)
+        keep_low = Signal(range(g + 1))
+        m.d.comb += keep_low.eq(g - lo2)
+        low_mask = Signal(g)             # the lo bits below the guard bit
+        m.d.comb += low_mask.eq(Const((1 << g) - 1, unsigned(g)) >> keep_low)
+        sticky = Signal()
+        m.d.comb += sticky.eq(sc2 | (c2.as_unsigned()[:g] & low_mask).any())
+        q = t >> 1
+        q3 = Signal(signed(w))
+        up3 = Signal()
+        shl3 = Signal.like(shl2)
+        pos3 = Signal()
+        m.d.sync += [q3.eq(q), up3.eq(t[0] & (sticky | q[0])), shl3.eq(shl2), pos3.eq(pos2)]
+
+        # stage 4: round (or take the left-shifted value)
         v = Signal(signed(max(w + 1, w + max_left) + 1))
-        m.d.comb += v.eq(Mux(pos_r, q_r + up_r, shl_r))
+        m.d.sync += v.eq(Mux(pos3, q3 + up3, shl3))
+
+        # stage 5: saturate
         with m.If(v > max_m):
             m.d.sync += self.o.eq(max_m)
         with m.Elif(v < -max_m):

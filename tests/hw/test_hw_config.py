@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dynacc.hw.address_gen import SETUP_CYCLES
 from dynacc.hw.config import HwConfig, load_named
 from dynacc.hw.cycles import conv_cycles, conv_steps, engine_latency, ideal_cycles
 
@@ -48,7 +49,7 @@ def test_cycle_model():
               kernel_w=3)
     steps = conv_steps(cfg, **kw)
     assert steps == 56 * 56 * 4 * 9 * 4
-    assert conv_cycles(cfg, **kw) == steps + 2 + engine_latency(cfg)
+    assert conv_cycles(cfg, **kw) == steps + SETUP_CYCLES + engine_latency(cfg)
     assert ideal_cycles(cfg, **kw) == steps   # C, O multiples of K: 100 % of the array
     # the stem as an im2col 1x1 conv: C' = 147 -> CW = 10 words of which 9.1875 are useful
     stem = dict(in_channels=147, out_channels=64, out_height=112, out_width=112, kernel_h=1,
