@@ -1,0 +1,171 @@
+"""Run dual-precision conv layers on the RTL engine (Verilator + cocotb) and check them
+against the golden model (:func:`dynacc.quant.golden.dual_precision_conv2d`).
+
+>>> r = run_dual_layers([layer], "dual")[0]                      # doctest: +SKIP
+>>> check_dual_result(layer, r, cfg)                             # doctest: +SKIP
+
+All layers of a call run in one simulator process (one launch, memories reloaded per layer).
+The RTL returns the output words, the gate outcome of every output (the engine's ``passed``
+port) and its cycle counter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dynacc.hw.config import HwConfig, load_named
+from dynacc.hw.dual_engine import gate_word_layout, passed_word_layout
+from dynacc.hw.dual_program import DualLayer, DualProgram
+from dynacc.hw.dual_sequencer import dual_desc_layout
+from dynacc.hw.types import (act_word_layout, align_word_layout, bias_word_layout,
+                             quant_word_layout, weight_word_layout)
+
+from . import runner
+from .conv import MAKE_VARS, check_conv_output
+from .memfile import read_mem, write_mem
+
+__all__ = ["DualResult", "build_dual_engine", "run_dual_layers", "check_dual_result",
+           "verify_dual_layers"]
+
+_log = logging.getLogger(__name__)
+
+BENCH_MODULE = "dynacc.sim.benches.dual_bench"
+
+_LAYOUTS = {
+    "act": act_word_layout, "wgt": weight_word_layout, "align": align_word_layout,
+    "bias": bias_word_layout, "quant": quant_word_layout, "gate": gate_word_layout,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DualResult:
+    name: str
+    out: np.ndarray       # [O, Ho, Wo] int64
+    passed: np.ndarray    # [O, Ho, Wo] bool: the RTL gate outcomes
+    cycles: int           # the RTL cycle counter (start -> done)
+    wall_s: float         # wall time of the RTL run, seconds
+
+
+def _cfg(cfg: HwConfig | str) -> HwConfig:
+    return load_named(cfg) if isinstance(cfg, str) else cfg
+
+
+def _fingerprint(cfg: HwConfig) -> str:
+    """Hash of everything the generated Verilog depends on (hw/ sources, the sim top, cfg,
+    amaranth version)."""
+    import amaranth
+
+    h = hashlib.sha256(cfg.key().encode())
+    h.update(amaranth.__version__.encode())
+    here = Path(__file__).resolve().parent
+    for f in sorted((here.parent / "hw").glob("*.py")) + [here / "top.py", here / "dual_top.py"]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _build_cached(cfg: HwConfig, waves: bool) -> tuple[runner.SimBuild, dict[str, int]]:
+    from .dual_top import dual_sim_top
+
+    index = runner.build_root() / "index" / f"dual-{cfg.name}-{_fingerprint(cfg)}{'-w' if waves else ''}.json"
+    if index.exists():
+        info = json.loads(index.read_text())
+        bdir = Path(info["build_dir"])
+        if (bdir / "BUILT").exists():
+            return runner.SimBuild(bdir, info["toplevel"], 0.0, True), info["load_bits"]
+    top = dual_sim_top(cfg)
+    sim = runner.build(f"dual_{cfg.name}", top.sources, top.toplevel, waves=waves,
+                       public_all=False, make_vars=MAKE_VARS)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_name(index.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"build_dir": str(sim.build_dir), "toplevel": sim.toplevel,
+                               "load_bits": top.load_bits}))
+    os.replace(tmp, index)
+    return sim, top.load_bits
+
+
+def build_dual_engine(cfg: HwConfig | str = "dual") -> runner.SimBuild:
+    """Build (or reuse from ``build/sim``) the simulator of the dual engine for ``cfg``."""
+    return _build_cached(_cfg(cfg), runner.waves_enabled())[0]
+
+
+def run_dual_layers(layers: Sequence[DualLayer], cfg: HwConfig | str = "dual", *,
+                    keep: bool | None = None) -> list[DualResult]:
+    """Run ``layers`` one after the other in one simulator process.
+
+    Raises ``ValueError`` (naming the layer and field) if a layer does not fit ``cfg``, and
+    :class:`~dynacc.sim.runner.SimulationError` if the simulation fails. The run directory
+    is deleted afterwards unless ``keep`` or ``WAVES=1``.
+    """
+    cfg = _cfg(cfg)
+    progs = [DualProgram(layer, cfg) for layer in layers]   # checks before any build
+    sim, load_bits = _build_cached(cfg, runner.waves_enabled())
+    run_dir = runner.new_run_dir(f"dual_{cfg.name}")
+    dlayout = dual_desc_layout(cfg)
+    cases = []
+    for i, prog in enumerate(progs):
+        cdir = run_dir / f"layer{i:03d}"
+        cdir.mkdir()
+        files = {}
+        for mem, img in prog.images().items():
+            path = cdir / f"{mem}.mem"
+            write_mem(path, img, _LAYOUTS[mem](cfg))
+            files[mem] = str(path)
+        desc = int(dlayout.const(prog.desc).as_bits())
+        cases.append({"dir": str(cdir), "name": prog.layer.name, "desc": desc, "load": files,
+                      "dump_words": prog.out_words})
+    manifest = run_dir / "manifest.json"
+    manifest.write_text(json.dumps({"load_bits": load_bits, "layers": cases,
+                                    "dumps": ["out", "passed"]}))
+    runner.run(sim, BENCH_MODULE, run_dir=run_dir,
+               extra_env={"DYNACC_DUAL_MANIFEST": str(manifest)})
+    results = []
+    for prog, case in zip(progs, cases):
+        cdir = Path(case["dir"])
+        res = json.loads((cdir / "result.json").read_text())
+        out = read_mem(cdir / "out.mem", act_word_layout(cfg))
+        passed = read_mem(cdir / "passed.mem", passed_word_layout(cfg))
+        results.append(DualResult(prog.layer.name, prog.unpack_output(out),
+                                  prog.unpack_passed(passed), int(res["cycles"]),
+                                  float(res["wall_s"])))
+    if keep or runner.waves_enabled():
+        _log.warning("kept the run directory %s (waves: dump.vcd)", run_dir)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return results
+
+
+def check_dual_result(layer: DualLayer, result: DualResult, cfg: HwConfig | str = "dual") -> None:
+    """Every output element and every gate outcome with ``==`` against the golden model, and
+    the RTL cycles against :func:`dynacc.hw.cycles.dual_conv_cycles` of the golden gate
+    outcomes. Raises ``AssertionError`` naming the layer, channel, y, x and both values."""
+    cfg = _cfg(cfg)
+    y, passed = layer.golden(cfg.fmt)
+    check_conv_output(f"{layer.name} (gate outcomes)", result.passed.astype(np.int64),
+                      passed.astype(np.int64))
+    check_conv_output(layer.name, result.out, y)
+    model = DualProgram(layer, cfg).cycles(passed)
+    if result.cycles != model:
+        raise AssertionError(f"layer {layer.name!r}: RTL cycles {result.cycles} != "
+                             f"dual_conv_cycles model {model}")
+
+
+def verify_dual_layers(layers: Sequence[DualLayer], cfg: HwConfig | str = "dual"
+                       ) -> list[DualResult]:
+    """Run ``layers`` and assert bit-exact outputs and gate outcomes and exact cycles."""
+    cfg = _cfg(cfg)
+    results = run_dual_layers(layers, cfg)
+    for layer, r in zip(layers, results):
+        check_dual_result(layer, r, cfg)
+    return results
