@@ -22,11 +22,12 @@ from .requantizer import Requantizer
 from .types import (acc_shape, act_word_layout, addr_width, align_word_layout, aligned_shape,
                     bias_word_layout, quant_word_layout, tree_shape, weight_word_layout)
 
-__all__ = ["DualEngine", "DUAL_MEMORIES", "gate_word_layout", "passed_word_layout"]
+__all__ = ["DualEngine", "gate_word_layout", "passed_word_layout"]
 
-#: memory ports: name -> (kind, depth field of HwConfig or "tiles", memory it reads).
-#: ``act0`` .. ``act{K-1}`` are K read ports of one activation memory (one per MAC row).
+
 def _memories(lanes: int) -> dict[str, tuple[str, str, str]]:
+    """Memory ports: name -> (kind, depth field of HwConfig or ``"tiles"``, memory name).
+    ``act0`` .. ``act{K-1}`` are K read ports of one activation memory (one per MAC row)."""
     mems = {f"act{r}": ("read", "act_depth", "act") for r in range(lanes)}
     mems.update({
         "wgt": ("read", "wgt_depth", "wgt"),
@@ -38,9 +39,6 @@ def _memories(lanes: int) -> dict[str, tuple[str, str, str]]:
         "passed": ("write", "out_depth", "passed"),
     })
     return mems
-
-
-DUAL_MEMORIES = _memories
 
 
 def gate_word_layout(cfg: HwConfig) -> data.ArrayLayout:
