@@ -139,3 +139,18 @@ def test_engine_pysim(case):
     bad = np.argwhere(out != y)
     assert not len(bad), f"output differs at {tuple(bad[0])}: {out[tuple(bad[0])]} != {y[tuple(bad[0])]}"
     assert cycles == DualProgram(layer, CFG).cycles(p)
+
+
+def test_engine_pysim_odd_config():
+    """K = 3 lanes (not a power of two), M = 7, one adder level per pipeline stage."""
+    import dataclasses
+
+    cfg = dataclasses.replace(load_named("small"), name="dual_k3", lanes=3, mantissa_bits=7,
+                              acc_bits=30, align_span=4, tree_levels_per_stage=1, max_dim=8,
+                              max_kernel=3, max_in_channels=16, max_out_channels=16)
+    layer = random_dual_layer("k3_gated", cfg.fmt, c=5, o=4, h=5, w=4, k=3, padding=1,
+                              act_bits=6, msb_bits=2, pass_fraction=0.4, block=3, seed=0)
+    out, passed, cycles = run_dual_pysim(layer, cfg)
+    y, p = layer.golden(cfg.fmt)
+    assert (passed == p).all() and (out == y).all()
+    assert cycles == DualProgram(layer, cfg).cycles(p)
