@@ -45,11 +45,118 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, metavar="FILE",
                    help="output checkpoint (default: build/<model>/<model>-<data>-m<M>-<method>.pt)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_train_pg(sub)
     return p
+
+
+def _add_train_pg(sub: argparse._SubParsersAction) -> None:
+    """``train-pg``: Precision Gating fine-tuning -> dual-precision integer program."""
+    c = sub.add_parser("train-pg", help="fine-tune a float CIFAR ResNet with Precision Gating, "
+                                        "build its dual-precision integer program, save")
+    c.set_defaults(handler=_train_pg)
+    c.add_argument("--model", required=True, metavar="NAME",
+                   help="float model PG starts from: resnet20 | resnet38 | resnet74")
+    c.add_argument("--data", default="digits", metavar="NAME",
+                   help="dataset: digits | cifar10 (default: %(default)s)")
+    c.add_argument("--data-root", default=None, metavar="DIR",
+                   help="local folder of cifar10 (nothing is downloaded)")
+    c.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="float weights to start from; without it digits use the cached trained "
+                        "model and other data train one for --float-epochs")
+    c.add_argument("--float-epochs", type=int, default=15,
+                   help="float training epochs when there is no checkpoint (default: %(default)s)")
+    c.add_argument("--act-bits", type=int, default=3, help="PG activation bits b (default: %(default)s)")
+    c.add_argument("--msb-bits", type=int, default=2,
+                   help="MSB bits of the prediction phase (default: %(default)s)")
+    c.add_argument("--gate-target", type=float, default=1.0,
+                   help="gating-loss target of the thresholds (default: %(default)s)")
+    c.add_argument("--sigma-g", type=float, default=0.05,
+                   help="gating-loss weight σ_g (default: %(default)s; PG's 1e-3 needs ~200 epochs)")
+    c.add_argument("--threshold-lr-scale", type=float, default=100.0,
+                   help="learning-rate multiplier of the thresholds (default: %(default)s)")
+    c.add_argument("--no-sparse-bp", action="store_true", help="dense gate back-propagation")
+    c.add_argument("--alpha", type=float, default=6.0, help="initial PACT clip (default: %(default)s)")
+    c.add_argument("--epochs", type=int, default=3, help="PG fine-tuning epochs (default: %(default)s)")
+    c.add_argument("--lr", type=float, default=0.01, help="learning rate (default: %(default)s)")
+    c.add_argument("--mantissa", type=int, default=9,
+                   help="mantissa bits M, sign included (default: %(default)s)")
+    c.add_argument("--exponent-bits", type=int, default=8,
+                   help="shared exponent bits E (default: %(default)s)")
+    c.add_argument("--method", default="max", choices=["kl", "max"],
+                   help="exponent method of the non-PG tensors (default: %(default)s)")
+    c.add_argument("--calib-images", type=int, default=200,
+                   help="calibration images (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    c.add_argument("--out", default=None, metavar="FILE",
+                   help="output checkpoint (default: build/<model>/<model>-<data>-pg<b>-<msb>.pt)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_pg(args: argparse.Namespace) -> int:
+    from .flow import cached_digits_model, calibration_batches
+    from .formats import BFPFormat
+    from .models.pg_resnet import pg_resnet_from_float
+    from .pg import check_pg_bits
+    from .pg_program import build_pg_program, program_pg_stats, to_float_model
+    from .train import evaluate
+    from .train_pg import pg_stats, train_pg
+
+    try:
+        pg_models = ("resnet20", "resnet38", "resnet74")
+        if args.model not in pg_models:
+            raise ValueError(f"unknown model {args.model!r} for Precision Gating; known: "
+                             f"{', '.join(pg_models)}")
+        cfg = QuantConfig(fmt=BFPFormat(args.mantissa, args.exponent_bits), method=args.method)
+        check_pg_bits(args.act_bits, args.msb_bits, cfg.fmt)
+        if args.data == "digits" and args.checkpoint is None:
+            float_model, splits = cached_digits_model(args.model, seed=args.seed,
+                                                      progress=not args.quiet)
+        else:
+            splits = load_data(args.model, args.data, args.data_root, seed=args.seed)
+            float_model, _ = prepare_float_model(args.model, splits, args.checkpoint,
+                                                 args.float_epochs, args.seed,
+                                                 progress=not args.quiet)
+        kwargs = {"num_classes": splits.num_classes, "in_channels": splits.shape[0]}
+        fp_acc = evaluate(float_model, splits.test)
+        settings = {"act_bits": args.act_bits, "msb_bits": args.msb_bits, "alpha": args.alpha,
+                    "sparse_bp": not args.no_sparse_bp}
+        pg = pg_resnet_from_float(float_model, cfg=cfg, **settings)
+        train_pg(pg, splits, epochs=args.epochs, lr=args.lr, gate_target=args.gate_target,
+                 sigma_g=args.sigma_g, sparse_bp=not args.no_sparse_bp, seed=args.seed,
+                 progress=not args.quiet, threshold_lr_scale=args.threshold_lr_scale)
+        program = build_pg_program(pg, calibration_batches(splits.train, args.calib_images),
+                                   cfg, progress=not args.quiet)
+        st = pg_stats(pg, splits.test)
+        gst = program_pg_stats(program, splits.test)
+        gold_acc = gst["acc"]
+        res = {"fp_acc": fp_acc, "pg_acc": st["acc"], "bfp_acc": gold_acc,
+               "update_sparsity": gst["update_sparsity"], "avg_bits": gst["avg_bits"],
+               "pg_update_sparsity": st["update_sparsity"]}
+        out = Path(args.out or f"build/{args.model}/{args.model}-{args.data}-pg{args.act_bits}"
+                               f"-{args.msb_bits}.pt")
+        save_checkpoint(out, args.model, kwargs, to_float_model(pg), program,
+                        meta={"dataset": args.data, **res, "quant": cfg.to_dict(),
+                              "calib_images": args.calib_images, "technique": "pg",
+                              "pg": {**settings, "gate_target": args.gate_target,
+                                     "sigma_g": args.sigma_g, "epochs": args.epochs,
+                                     "lr": args.lr, "seed": args.seed,
+                                     "threshold_lr_scale": args.threshold_lr_scale},
+                              "pg_state_dict": pg.state_dict()})
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model} on {args.data}, PG a{args.act_bits}/msb{args.msb_bits} "
+          f"M={args.mantissa}: FP {fp_acc:.2f} %  PG (fake-quant) {st['acc']:.2f} %  "
+          f"golden integer {gold_acc:.2f} %  update sparsity {100 * gst['update_sparsity']:.1f} %  "
+          f"avg bits {gst['avg_bits']:.3f}")
+    print(f"saved {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     try:
         if args.model not in list_models():
             raise ValueError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")

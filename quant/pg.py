@@ -26,14 +26,14 @@ from torch import nn
 from .formats import BFPFormat, QuantConfig, WeightBlocking
 from .functional import dequantize, quantize_weight
 
-__all__ = ["GATE_SLOPE", "pact_lsb", "pact_clamp_max", "quantize_unsigned", "PACT",
+__all__ = ["GATE_SLOPE", "check_pg_bits", "pact_lsb", "pact_clamp_max", "quantize_unsigned", "PACT",
            "PGConv2d", "gating_loss", "pg_layers"]
 
 #: α_g of the sigmoid straight-through estimator of the gate (hard-coded 5 in PG's code).
 GATE_SLOPE = 5.0
 
 
-def _check_bits(act_bits: int, msb_bits: int | None = None, fmt: BFPFormat | None = None,
+def check_pg_bits(act_bits: int, msb_bits: int | None = None, fmt: BFPFormat | None = None,
                 where: str = "") -> None:
     at = f" ({where})" if where else ""
     if isinstance(act_bits, bool) or not isinstance(act_bits, int) or act_bits < 2:
@@ -95,7 +95,7 @@ class PACT(nn.Module):
     def __init__(self, alpha: float = 6.0, act_bits: int | None = None) -> None:
         super().__init__()
         if act_bits is not None:
-            _check_bits(act_bits)
+            check_pg_bits(act_bits)
         if not alpha > 0:
             raise ValueError(f"PACT alpha must be positive, not {alpha!r}")
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
@@ -176,7 +176,7 @@ class PGConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=padding, bias=False)
         self.cfg = cfg if cfg is not None else QuantConfig(fmt=BFPFormat(9, 8), method="max")
-        _check_bits(act_bits, msb_bits, self.cfg.fmt)
+        check_pg_bits(act_bits, msb_bits, self.cfg.fmt)
         self.act_bits, self.msb_bits = act_bits, msb_bits
         self.sparse_bp, self.gate_slope = sparse_bp, gate_slope
         self.threshold = nn.Parameter(torch.zeros(out_channels))

@@ -31,7 +31,7 @@ from .pg import PACT, pact_lsb
 from .program import BFPProgram
 
 __all__ = ["to_float_model", "gate_constants", "build_pg_program", "pg_gate_stats",
-           "program_pg_stats", "pg_layer_cases"]
+           "program_pg_stats", "pg_layer_cases", "pg_model_from_checkpoint"]
 
 
 def _clip(p: PACT) -> nn.Hardtanh:
@@ -152,11 +152,7 @@ def _batch(x: torch.Tensor) -> torch.Tensor:
     return x[None] if x.dim() == 3 else x
 
 
-@torch.no_grad()
-def pg_gate_stats(program: BFPProgram, x: torch.Tensor) -> dict[str, dict[str, int]]:
-    """Gate outcomes of the integer (golden) model on float images ``x``: per dual-precision
-    layer ``{"passed": #outputs whose LSB phase runs, "total": #outputs}``."""
-    env = program.run_golden(_batch(x))
+def _gates(program: BFPProgram, env: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
     out = {}
     for o in program.ops:
         if o.kind == "conv" and o.dual_precision:
@@ -165,13 +161,25 @@ def pg_gate_stats(program: BFPProgram, x: torch.Tensor) -> dict[str, dict[str, i
     return out
 
 
+@torch.no_grad()
+def pg_gate_stats(program: BFPProgram, x: torch.Tensor) -> dict[str, dict[str, int]]:
+    """Gate outcomes of the integer (golden) model on float images ``x``: per dual-precision
+    layer ``{"passed": #outputs whose LSB phase runs, "total": #outputs}``."""
+    return _gates(program, program.run_golden(_batch(x)))
+
+
+@torch.no_grad()
 def program_pg_stats(program: BFPProgram, loader: Iterable) -> dict[str, Any]:
-    """Golden update sparsity over a data loader: ``update_sparsity`` = 1 − passed/total over
-    all dual-precision layers, ``avg_bits`` = ``msb + (1 − Sp)(act − msb)``, ``layers`` the
-    per-layer counts."""
+    """One golden pass over ``(images, labels)`` batches: ``acc`` (percent, argmax of the
+    output mantissas), ``update_sparsity`` = 1 − passed/total over all dual-precision layers,
+    ``avg_bits`` = ``msb + (1 − Sp)(act − msb)`` and ``layers`` (per-layer counts)."""
     layers: dict[str, dict[str, int]] = {}
-    for x, _ in loader:
-        for k, v in pg_gate_stats(program, x).items():
+    correct = n = 0
+    for x, y in loader:
+        env = program.run_golden(_batch(x))
+        correct += int((env[program.output].argmax(dim=1) == y).sum())
+        n += len(y)
+        for k, v in _gates(program, env).items():
             acc = layers.setdefault(k, {"passed": 0, "total": 0})
             acc["passed"] += v["passed"]
             acc["total"] += v["total"]
@@ -181,7 +189,7 @@ def program_pg_stats(program: BFPProgram, loader: Iterable) -> dict[str, Any]:
     total = sum(v["total"] for v in layers.values())
     sp = 1.0 - passed / max(total, 1)
     o = next(op for op in program.ops if op.dual_precision)
-    return {"update_sparsity": sp,
+    return {"acc": 100.0 * correct / max(n, 1), "update_sparsity": sp,
             "avg_bits": o.dp_msb_bits + (1.0 - sp) * (o.dp_act_bits - o.dp_msb_bits),
             "layers": layers}
 
@@ -197,3 +205,21 @@ def pg_layer_cases(program: BFPProgram, x_image: torch.Tensor) -> list[dict[str,
     env = program.run_golden(x)
     return [{"name": o.name, "op": o, "x_int": env[o.inputs[0]].clone()}
             for o in program.ops if o.kind == "conv" and o.dual_precision]
+
+
+def pg_model_from_checkpoint(path: str) -> tuple[PGResNet, BFPProgram, dict[str, Any]]:
+    """Rebuild the trained PG model saved by ``train-pg`` (its settings and PG state_dict are in
+    the checkpoint's meta). Returns ``(pg_model, program, meta)``."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .models.pg_resnet import PGResNet as _PG
+
+    ck = load_checkpoint(path)
+    if ck.meta.get("technique") != "pg" or "pg_state_dict" not in ck.meta:
+        raise CheckpointError(f"checkpoint {str(path)!r} was not written by train-pg")
+    s = ck.meta["pg"]
+    cfg = QuantConfig.from_dict(ck.meta["quant"])
+    pg = _PG((ck.model.depth - 2) // 6, num_classes=ck.model.fc.out_features,
+             in_channels=ck.model.conv1.in_channels, act_bits=s["act_bits"],
+             msb_bits=s["msb_bits"], cfg=cfg, alpha=s["alpha"], sparse_bp=s["sparse_bp"])
+    pg.load_state_dict(ck.meta["pg_state_dict"])
+    return pg.eval(), ck.program, ck.meta
