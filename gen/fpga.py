@@ -69,6 +69,8 @@ DP16KD_SHAPES = ((16384, 1), (8192, 2), (4096, 4), (2048, 9), (1024, 18), (512, 
 SHALLOW_DEPTH = 512
 #: MULT18X18D kept free for products outside the MAC trees (address generator setup)
 DSP_RESERVE = 16
+#: yosys command (run after ``proc``) that marks the MAC trees' operand registers ``keep``
+KEEP_OPERAND_COPIES = "setattr -set keep 1 w:x_op %ci1 t:$dff %i"
 #: what surrounds the engine in the synthesized design (see the module docstring)
 MEMORY_MODES = ("auto", "full", "shallow", "regs", "none")
 MEMORY_MODE_TEXT = {
@@ -545,7 +547,9 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
     top = "dynacc_fpga_top"
     # Amaranth names submodules "<top>.<instance>"; in the harness the engine is "engine"
     engine_mod = f"{top}." if mode == "none" else f"{top}.engine."
-    script = []
+    # every MAC tree registers its own copy of the shared activation word (``x_op``) so each
+    # multiplier is fed by adjacent flip-flops; keep yosys from merging the identical copies
+    script = [KEEP_OPERAND_COPIES]
     if lut_lanes:
         # pre-map these lanes' products like -nodsp would; the others stay $mul for mul2dsp
         script.append("alumacc " + " ".join(f"{engine_mod}mac{o}/t:$mul" for o in lut_lanes))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -11,10 +11,23 @@ from .types import addr_width, desc_layout
 
 __all__ = ["AddressGen", "token_layout", "SETUP_CYCLES"]
 
-#: cycles between ``start`` and the first issued step: 4 registered stages (descriptor
-#: products, their second-level products and "minus one" limits, the kernel origin, the
-#: origin of the next pixel / row)
-SETUP_CYCLES = 4
+#: cycles between ``start`` and the first issued step: 6 registered stages (descriptor
+#: products in two shift-add stages, their second-level products in two more with the
+#: "minus one" limits, the kernel origin, the origin of the next pixel / row)
+SETUP_CYCLES = 6
+
+
+def _shift_add(a, b, shape, name: str, group: int = 3):
+    """``a * b`` (both unsigned, ``b`` the narrow one) as shift-adds in two registered
+    stages, with no multiplier (no DSP block on the setup paths): partial sums of ``group``
+    terms, then their sum. Returns (stage-1 statements, stage-2 statements, result)."""
+    parts, s1 = [], []
+    for j in range(0, len(b), group):
+        p = Signal(shape, name=f"{name}_p{j // group}")
+        s1.append(p.eq(sum(Mux(b[i], a << i, 0) for i in range(j, min(j + group, len(b))))))
+        parts.append(p)
+    r = Signal(shape, name=name)
+    return s1, [r.eq(sum(parts))], r
 
 
 def token_layout(cfg: HwConfig) -> data.StructLayout:
@@ -100,14 +113,23 @@ class AddressGen(wiring.Component):
         aw = signed(bits_for(span) + kbits + bits_for(cfg.max_stride) + 2)
         pos_w = signed(bits_for(cfg.max_dim) + kbits + 2)
 
-        # setup products (each registered: no multiplier feeds an adder in the same cycle)
-        wcw = Signal(unsigned(bits_for(cfg.max_dim * cfg.max_in_words)))
-        kwcw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)))
-        pix_step = Signal(unsigned(bits_for(cfg.max_stride * cfg.max_in_words)))
-        pad_cw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)))
-        pad_wcw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_dim * cfg.max_in_words)))
+        # setup products (shift-add, two registered stages each)
+        wcw_1, wcw_2, wcw = _shift_add(d.in_words, d.width,
+                                       unsigned(bits_for(cfg.max_dim * cfg.max_in_words)), "wcw")
+        kwcw_1, kwcw_2, kwcw = _shift_add(
+            d.in_words, d.kernel_w, unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)), "kwcw")
+        pix_1, pix_2, pix_step = _shift_add(
+            d.in_words, d.stride, unsigned(bits_for(cfg.max_stride * cfg.max_in_words)),
+            "pix_step")
+        pcw_1, pcw_2, pad_cw = _shift_add(
+            d.in_words, d.pad, unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)), "pad_cw")
+        pwcw_1, pwcw_2, pad_wcw = _shift_add(
+            wcw, d.pad, unsigned(bits_for(cfg.max_kernel * cfg.max_dim * cfg.max_in_words)),
+            "pad_wcw")
+        rstep_1, rstep_2, row_step = _shift_add(
+            wcw, d.stride, unsigned(bits_for(cfg.max_stride * cfg.max_dim * cfg.max_in_words)),
+            "row_step")
         row_skip = Signal(aw)
-        row_step = Signal(aw)
         # "minus one" limits, registered once
         cw_max = Signal.like(d.in_words)
         kx_max = Signal.like(d.kernel_w)
@@ -177,11 +199,8 @@ class AddressGen(wiring.Component):
                     m.next = "SETUP1"
             with m.State("SETUP1"):
                 m.d.comb += self.busy.eq(1)
+                m.d.sync += [*wcw_1, *kwcw_1, *pix_1, *pcw_1]
                 m.d.sync += [
-                    wcw.eq(d.width * d.in_words),
-                    kwcw.eq(d.kernel_w * d.in_words),
-                    pix_step.eq(d.stride * d.in_words),
-                    pad_cw.eq(d.pad * d.in_words),
                     cw_max.eq(d.in_words - 1),
                     kx_max.eq(d.kernel_w - 1),
                     ky_max.eq(d.kernel_h - 1),
@@ -192,15 +211,19 @@ class AddressGen(wiring.Component):
                 m.next = "SETUP2"
             with m.State("SETUP2"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [
-                    pad_wcw.eq(d.pad * wcw),
-                    row_skip.eq(wcw - kwcw + 1),
-                    row_step.eq(d.stride * wcw),
-                ]
+                m.d.sync += [*wcw_2, *kwcw_2, *pix_2, *pcw_2]
                 for n, (_, cmax) in counters.items():
                     m.d.sync += [max_m1[n].eq(cmax - 1), max_z[n].eq(cmax == 0)]
                 m.next = "SETUP3"
             with m.State("SETUP3"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [*pwcw_1, *rstep_1, row_skip.eq(wcw - kwcw + 1)]
+                m.next = "SETUP4"
+            with m.State("SETUP4"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [*pwcw_2, *rstep_2]
+                m.next = "SETUP5"
+            with m.State("SETUP5"):
                 m.d.comb += self.busy.eq(1)
                 origin = -(pad_wcw + pad_cw)
                 m.d.sync += [
@@ -210,8 +233,8 @@ class AddressGen(wiring.Component):
                     w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
                 ]
                 m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
-                m.next = "SETUP4"
-            with m.State("SETUP4"):
+                m.next = "SETUP6"
+            with m.State("SETUP6"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [pix_next.eq(pix_addr + pix_step), row_next.eq(row_addr + row_step)]
                 m.next = "RUN"

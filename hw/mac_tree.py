@@ -13,16 +13,19 @@ __all__ = ["MacTree", "mac_tree_latency"]
 
 
 def mac_tree_latency(lanes: int, levels_per_stage: int) -> int:
-    """1 (products) + ``ceil(ceil(log2 lanes) / levels_per_stage)`` (tree registers)."""
-    return 1 + -(-clog2(lanes) // levels_per_stage)
+    """1 (operands) + 1 (products) + ``ceil(ceil(log2 lanes) / levels_per_stage)`` (tree
+    registers)."""
+    return 2 + -(-clog2(lanes) // levels_per_stage)
 
 
 class MacTree(wiring.Component):
     """``o = sum_c x[c] * w[c]`` over K lanes, fully pipelined (one new input per cycle).
 
-    The products are registered, then the adder tree is registered every
-    ``levels_per_stage`` levels (and after its last level), so the combinational depth is one
-    M×M multiplier or ``levels_per_stage`` adders.
+    The operands are registered in the tree (one copy per tree, named ``x_op`` / ``w_op``,
+    so every multiplier, e.g. a DSP block, is fed by its own flip-flops and the shared
+    activation word fans out register-to-register), the products are registered, then the
+    adder tree is registered every ``levels_per_stage`` levels (and after its last level), so
+    the combinational depth is one M×M multiplier or ``levels_per_stage`` adders.
 
     Parameters
     ----------
@@ -65,15 +68,19 @@ class MacTree(wiring.Component):
 
     @property
     def latency(self) -> int:
-        """1 (products) + ``ceil(levels / levels_per_stage)`` (tree registers)."""
+        """1 (operands) + 1 (products) + ``ceil(levels / levels_per_stage)`` (tree
+        registers)."""
         return mac_tree_latency(self._lanes, self._lps)
 
     def elaborate(self, platform):
         m = Module()
+        x_op = Signal.like(self.x, name="x_op", reset_less=True)
+        w_op = Signal.like(self.w, name="w_op", reset_less=True)
+        m.d.sync += [x_op.eq(self.x), w_op.eq(self.w)]
         level = []
         for c in range(self._lanes):
-            p = Signal(signed(2 * self._mbits), name=f"prod{c}")
-            m.d.sync += p.eq(self.x[c] * self.w[c])
+            p = Signal(signed(2 * self._mbits), name=f"prod{c}", reset_less=True)
+            m.d.sync += p.eq(x_op[c] * w_op[c])
             level.append(p)
         depth = 0
         while len(level) > 1:

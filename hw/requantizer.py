@@ -143,10 +143,16 @@ class Requantizer(wiring.Component):
         v = Signal(signed(max(w + 1, w + max_left) + 1))
         m.d.sync += v.eq(Mux(pos3, q3 + up3, shl3))
 
-        # stage 5: saturate
-        with m.If(v > max_m):
+        # stage 5: saturate; the bounds are tested bitwise (OR / AND trees over the bits
+        # above the mantissa), not with full-width comparators
+        n = len(v)
+        sign = v[n - 1]
+        upper = v[mb - 1:n - 1]          # must be all copies of the sign bit to fit
+        over = ~sign & upper.any()                              # v >= 2**(M-1)
+        under = sign & ~(upper.all() & v[:mb - 1].any())        # v <= -2**(M-1)
+        with m.If(over):
             m.d.sync += self.o.eq(max_m)
-        with m.Elif(v < -max_m):
+        with m.Elif(under):
             m.d.sync += self.o.eq(-max_m)
         with m.Else():
             m.d.sync += self.o.eq(v)

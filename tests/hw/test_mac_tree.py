@@ -25,9 +25,9 @@ def test_dot_product(pipeline, lanes, mbits, lps):
 
 
 def test_latency_formula():
-    assert mac_tree_latency(16, 2) == 3
-    assert mac_tree_latency(16, 1) == 5
-    assert mac_tree_latency(1, 2) == 1
+    assert mac_tree_latency(16, 2) == 4
+    assert mac_tree_latency(16, 1) == 6
+    assert mac_tree_latency(1, 2) == 2
 
 
 def test_bad_params():
