@@ -4,7 +4,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 MODEL   ?= resnet50
-HW      ?= configs/hw/default.yaml
+HW      ?=
 JOBS    ?= auto
 STAMP   := $(VENV)/.dynacc-setup
 
@@ -33,15 +33,15 @@ test-fast: setup
 	$(PY) -m pytest -n $(JOBS) -q tests
 
 gen: setup
-	$(PY) -m dynacc.gen --model $(MODEL) --hw $(HW)
+	$(PY) -m dynacc.gen --model $(MODEL) $(if $(HW),--hw $(HW))
 
 deploy: setup
-	$(PY) sw/deploy.py --model $(MODEL) --hw $(HW) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out build/deploy/$(MODEL)
+	$(PY) sw/deploy.py --model $(MODEL) --hw $(or $(HW),configs/hw/default.yaml) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out build/deploy/$(MODEL)
 
 DEVICE  ?= ecp5-85k
 
 fpga: setup
-	$(PY) -m dynacc.gen.fpga --model $(MODEL) --hw $(HW) --device $(DEVICE)
+	$(PY) -m dynacc.gen.fpga --model $(MODEL) --hw $(or $(HW),configs/hw/default.yaml) --device $(DEVICE)
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -12,6 +12,7 @@ from dynacc.quant.checkpoint import CheckpointError
 from dynacc.quant.graph import UnsupportedLayerError
 from dynacc.quant.models import list_models
 
+from .gated_models import GATED_MODELS
 from .layer_program import MappingError
 from .pipeline import STEPS, GenOptions, run
 
@@ -22,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynacc.gen",
                                 description="Generate RTL, layer program and reports for a model.")
     p.add_argument("--model", required=True, metavar="NAME",
-                   help=f"one of: {', '.join(list_models())}")
-    p.add_argument("--hw", default="configs/hw/default.yaml", metavar="YAML",
-                   help="hardware config (default: %(default)s)")
+                   help=f"one of: {', '.join(list_models() + list(GATED_MODELS))}")
+    p.add_argument("--hw", default=None, metavar="YAML",
+                   help="hardware config (default: configs/hw/default.yaml; "
+                        f"configs/hw/dual.yaml for {', '.join(GATED_MODELS)})")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="calibrated dynacc checkpoint or float state_dict (default: random weights)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: build/<model>)")
@@ -38,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        if args.model not in list_models():
-            raise ValueError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
-        hw = HwConfig.from_yaml(args.hw)
+        if args.model not in list_models() + list(GATED_MODELS):
+            raise ValueError(f"unknown model {args.model!r}; known: "
+                             f"{', '.join(list_models() + list(GATED_MODELS))}")
+        hw = HwConfig.from_yaml(args.hw or ("configs/hw/dual.yaml" if args.model in GATED_MODELS
+                                            else "configs/hw/default.yaml"))
         opts = GenOptions(model=args.model, hw=hw,
                           out_dir=Path(args.out or f"build/{args.model}"),
                           checkpoint=args.checkpoint, method=args.method,

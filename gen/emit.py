@@ -9,14 +9,24 @@ from amaranth.back import verilog
 
 from dynacc.hw.config import HwConfig
 
-__all__ = ["emit_engine"]
+__all__ = ["emit_engine", "emit_dual_engine"]
 
 
 def emit_engine(hw: HwConfig, out_dir: Path, name: str = "conv_engine") -> Path:
     """Write ``<name>.v`` and ``<name>.component.json`` into ``out_dir``; returns the .v path."""
     from dynacc.hw.conv_engine import ConvEngine
 
-    engine = ConvEngine(hw)
+    return _emit(ConvEngine(hw), out_dir, name)
+
+
+def emit_dual_engine(hw: HwConfig, out_dir: Path, name: str = "dual_engine") -> Path:
+    """The dual-precision engine (Precision Gating / DFS precisions), like :func:`emit_engine`."""
+    from dynacc.hw.dual_engine import DualEngine
+
+    return _emit(DualEngine(hw), out_dir, name)
+
+
+def _emit(engine, out_dir: Path, name: str) -> Path:  # noqa: ANN001 - a wiring.Component
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = verilog.convert(engine, name=name, emit_src=False)

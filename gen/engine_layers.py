@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dynacc.hw.dual_program import DualLayer
 from dynacc.hw.program import ConvLayer
 from dynacc.quant.program import BFPProgram
 
 from .layer_program import EngineLayer, HostStep, MappingError
 
-__all__ = ["im2col", "engine_weights", "conv_layer", "run_host_step"]
+__all__ = ["im2col", "engine_weights", "conv_layer", "dual_layer", "run_host_step"]
 
 
 def im2col(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
@@ -92,6 +93,27 @@ def conv_layer(program: BFPProgram, layer: EngineLayer,
         clamp_max=_uniform(layer.name, "the ReLU6 bound", out_op.clamp_max),
         residual=res, residual_lsb=layer.residual_lsb if layer.residual else 0,
         joint_lsb=layer.joint_lsb)
+
+
+def dual_layer(program: BFPProgram, layer: EngineLayer,
+               acts: dict[str, torch.Tensor] | None = None, mode: str | None = None) -> DualLayer:
+    """The dual-precision engine inputs of ``layer`` for one image (rules G0-G4), in ``mode``
+    (default: the op's own; DFS passes the gate's decision for this image). Without ``acts``
+    the input is zeros (enough to check that the layer fits)."""
+    op = program.op(layer.name)
+    if not op.dual_precision:
+        raise MappingError(f"layer {layer.name!r} is not a dual-precision conv")
+    w, w_lsb = engine_weights(program, layer)
+    if acts is None:
+        x = torch.zeros((layer.in_channels, layer.height, layer.width), dtype=torch.int64)
+    else:
+        x = acts[layer.input]
+    return DualLayer(
+        name=layer.name, x=x, x_lsb=layer.in_lsb, w=w, w_lsb=w_lsb, bias=op.bias,
+        out_lsb=layer.out_lsb, act_bits=op.dp_act_bits, msb_bits=op.dp_msb_bits,
+        threshold=op.dp_threshold, sign=op.dp_sign, mode=mode or op.dp_mode,
+        stride=layer.stride, padding=layer.padding, activation=op.activation,
+        clamp_max=_uniform(layer.name, "the PACT bound", op.clamp_max))
 
 
 def run_host_step(program: BFPProgram, step: HostStep, acts: dict[str, torch.Tensor]

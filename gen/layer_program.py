@@ -16,6 +16,10 @@ Mapping rules (see docs/arithmetic.md for the arithmetic):
   host-im2col'ed input: C' = C·kh·kw lanes of reduction instead of C.
 * a residual add whose operand is a conv that feeds only it is fused into that conv's
   write-back (the other operand is read from memory).
+* a dual-precision conv (Precision Gating / DFS precisions, rules G0-G4) runs on the
+  dual-precision engine (``hw/dual_engine.py``, same lanes and mantissa width); its cycles
+  depend on the gate outcomes, so the layer carries both bounds: ``cycles`` with every output
+  passing (mode ``full``) and ``cycles_msb`` with none (mode ``msb``).
 
 A layer the engine cannot run raises :class:`MappingError` naming it.
 """
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 from dynacc.hw.config import HwConfig
-from dynacc.hw.cycles import conv_cycles
+from dynacc.hw.cycles import conv_cycles, dual_conv_cycles
 from dynacc.quant.golden import accumulator_bound
 from dynacc.quant.program import BFPProgram, QuantOp
 
@@ -71,6 +75,11 @@ class EngineLayer:
     out_lsb: int
     joint_lsb: int | None
     residual_lsb: int | None
+    engine: str = "conv"      # "conv" (ConvEngine) | "dual" (DualEngine)
+    act_bits: int | None = None   # dual: unsigned input bits b (rule G0)
+    msb_bits: int | None = None   # dual: MSB-phase bits
+    dp_mode: str | None = None    # dual: gated | msb | full (DFS chooses per image at run time)
+    cycles_msb: int | None = None  # dual: cycles when no output passes
 
     @property
     def utilization(self) -> float:
@@ -131,10 +140,15 @@ def _check_layer(program: BFPProgram, layer: EngineLayer, hw: HwConfig) -> None:
     """Prove that the engine runs ``layer`` exactly (limits, one alignment shift per lane
     word, accumulator width, shift ranges): the checks of :class:`~dynacc.hw.program.ConvProgram`
     on the layer's real weights and zero activations."""
-    from .engine_layers import conv_layer
+    from .engine_layers import conv_layer, dual_layer
 
     try:
-        conv_layer(program, layer).program(hw)
+        if layer.engine == "dual":
+            op = program.op(layer.name)
+            dual_layer(program, layer, mode=None if op.dp_threshold is not None else "full"
+                       ).program(hw)
+        else:
+            conv_layer(program, layer).program(hw)
     except ValueError as exc:
         raise MappingError(str(exc)) from exc
 
@@ -152,7 +166,8 @@ def build_layer_program(model: str, program: BFPProgram, shapes: dict[str, tuple
         if op.kind == "add":
             for src in op.inputs:
                 s = program.op(src)
-                if (s.kind == "conv" and s.activation is None and src not in fused.values()
+                if (s.kind == "conv" and not s.dual_precision and s.activation is None
+                        and src not in fused.values()
                         and sum(src in o.inputs for o in program.ops) == 1
                         and torch.equal(program.lsb[src], op.joint_lsb)):
                     fused[op.name] = src
@@ -211,14 +226,27 @@ def _engine_layer(program: BFPProgram, op: QuantOp, shapes: dict[str, tuple[int,
         joint = int(a.joint_lsb[0])
         residual = next(i for i in a.inputs if i != op.name)
         residual_lsb = _scalar_lsb(program, residual, "residual")
+    shape_kw = dict(in_channels=c_eng, out_channels=o, out_height=ho, out_width=wo,
+                    kernel_h=kernel_eng, kernel_w=kernel_eng)
+    dual: dict[str, Any] = {}
+    ideal = -(-macs // (k * k))
+    cycles = conv_cycles(hw, **shape_kw)
+    if op.kind == "conv" and op.dual_precision:
+        if im2col or op.groups > 1:
+            raise MappingError(f"layer {op.name!r}: a dual-precision conv must be a dense conv "
+                               "on engine-resident activations (no groups, not the host-im2col "
+                               "first layer)")
+        dual = dict(engine="dual", act_bits=op.dp_act_bits, msb_bits=op.dp_msb_bits,
+                    dp_mode=op.dp_mode,
+                    cycles_msb=dual_conv_cycles(hw, **shape_kw, mode="msb"))
+        cycles = dual_conv_cycles(hw, **shape_kw, mode="full")
+        ideal *= 2   # two digit passes (MSB, LSB) per MAC when every output passes
     return EngineLayer(
         name=op.name, kind=op.kind, input=op.inputs[0], output=out_name, residual=residual,
         in_channels=c_eng, height=h_eng, width=w_eng, out_channels=o, out_height=ho,
         out_width=wo, kernel=kernel_eng, stride=stride_eng, padding=pad_eng, groups=op.groups,
         im2col=im2col, in_words=cw, tiles=tiles,
         activation=program.op(out_name).activation, macs=macs,
-        ideal_cycles=-(-macs // (k * k)),
-        cycles=conv_cycles(hw, in_channels=c_eng, out_channels=o, out_height=ho,
-                           out_width=wo, kernel_h=kernel_eng, kernel_w=kernel_eng),
+        ideal_cycles=ideal, cycles=cycles,
         acc_bits_needed=bound.bit_length() + 1, max_align_shift=int(op.shift.max()),
-        in_lsb=x_lsb, out_lsb=out_lsb, joint_lsb=joint, residual_lsb=residual_lsb)
+        in_lsb=x_lsb, out_lsb=out_lsb, joint_lsb=joint, residual_lsb=residual_lsb, **dual)

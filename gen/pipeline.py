@@ -48,6 +48,9 @@ __all__ = ["GenOptions", "GenState", "STEPS", "run"]
 
 log = logging.getLogger("dynacc.gen")
 
+#: digits test images whose gate outcomes the report of a gated model summarizes
+GATE_REPORT_IMAGES = 50
+
 
 @dataclasses.dataclass
 class GenOptions:
@@ -71,6 +74,7 @@ class GenState:
     program: BFPProgram | None = None
     shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     layer_program: LayerProgram | None = None
+    program_source: str | None = None   # checkpoint whose stored program is used as is
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -83,14 +87,38 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
+def _backbone(model: str) -> str:
+    """Zoo model under a gen model name (``pg_resnet20`` -> ``resnet20``)."""
+    from .gated_models import GATED_MODELS
+    return GATED_MODELS[model][0] if model in GATED_MODELS else model
+
+
+def _dataset(o: GenOptions) -> str:
+    """Input geometry: ``--dataset``, digits for the digits-trained gated models, else the
+    model's default."""
+    from .gated_models import GATED_MODELS
+    if o.dataset:
+        return o.dataset
+    return "digits" if o.model in GATED_MODELS else DEFAULT_DATASET[o.model]
+
+
 def step_model(st: GenState) -> GenState:
     o = st.opts
-    dataset = o.dataset or DEFAULT_DATASET[o.model]
-    shape = input_shape(o.model, dataset)
+    backbone = _backbone(o.model)
+    dataset = _dataset(o)
+    shape = input_shape(backbone, dataset)
     kwargs = {"num_classes": DATASET_NUM_CLASSES[dataset], "in_channels": shape[0]}
-    if o.checkpoint:
-        ck = load_checkpoint(o.checkpoint, expect_model=o.model)
+    checkpoint = o.checkpoint
+    if checkpoint is None and backbone != o.model:
+        from .gated_models import gated_checkpoint
+        checkpoint = str(gated_checkpoint(o.model))
+        log.info("%s: digits-trained checkpoint %s", o.model, checkpoint)
+    if checkpoint:
+        ck = load_checkpoint(checkpoint, expect_model=backbone)
         st.model, st.model_kwargs = ck.model, ck.model_kwargs or kwargs
+        if ck.program is not None and any(op.dual_precision for op in ck.program.ops):
+            # a PG / DFS program: its gates and PACT exponents come from training, keep it
+            st.program, st.program_source = ck.program, checkpoint
     else:
         log.warning("no --checkpoint: %s uses seeded random weights (BN settled on random "
                     "images); cycle counts are exact, accuracy is meaningless", o.model)
@@ -108,7 +136,15 @@ def step_model(st: GenState) -> GenState:
 
 def step_calibrate(st: GenState) -> GenState:
     o = st.opts
-    shape = input_shape(o.model, o.dataset or DEFAULT_DATASET[o.model])
+    backbone = _backbone(o.model)
+    shape = input_shape(backbone, _dataset(o))
+    if st.program_source is not None:
+        log.info("using the trained program of %s (dual-precision layers: not recalibrated)",
+                 st.program_source)
+        env = st.program.run_golden(random_images(1, shape, seed=o.seed + 1000))
+        st.shapes.update({n: tuple(t.shape[1:]) for n, t in env.items()})
+        shutil.copyfile(st.program_source, st.work / "calibrated.pt")
+        return st
     cfg = QuantConfig(weights=WeightBlocking(group=64, align_span=o.hw.align_span),
                       method=o.method)
     cfg = dataclasses.replace(cfg, fmt=o.hw.fmt)
@@ -127,8 +163,10 @@ def step_layer_program(st: GenState) -> GenState:
 
 
 def step_verilog(st: GenState) -> GenState:
-    from .emit import emit_engine
+    from .emit import emit_dual_engine, emit_engine
     emit_engine(st.opts.hw, st.work / "rtl")
+    if any(l.engine == "dual" for l in st.layer_program.engine_layers):
+        emit_dual_engine(st.opts.hw, st.work / "rtl")
     return st
 
 
@@ -148,8 +186,18 @@ def _earlier_fmax(out_dir: Path, hw: HwConfig) -> dict[str, Any] | None:
 def step_report(st: GenState) -> GenState:
     rep = report_dict(st.layer_program)
     rep["random_weights"] = st.random_weights
+    md = report_markdown(rep)
+    if st.program_source is not None and any(l.engine == "dual"
+                                             for l in st.layer_program.engine_layers):
+        from dynacc.quant.flow import load_data
+
+        from .gate_report import gate_statistics, gates_markdown
+        splits = load_data(_backbone(st.opts.model), "digits", seed=st.opts.seed)
+        images = torch.cat([x for x, _ in splits.test])[:GATE_REPORT_IMAGES]
+        rep["gates"] = gate_statistics(st.program, st.layer_program, images, st.opts.hw)
+        md += "\n" + gates_markdown(rep["gates"])
     _write_json(st.work / "report.json", rep)
-    _write_text(st.work / "report.md", report_markdown(rep))
+    _write_text(st.work / "report.md", md)
     _write_text(st.work / "hw.yaml", yaml.safe_dump(st.opts.hw.to_dict(), sort_keys=True))
     fpga = _earlier_fmax(st.opts.out_dir, st.opts.hw)
     if fpga is not None:

@@ -36,8 +36,11 @@ def report_dict(lp: LayerProgram) -> dict[str, Any]:
             "groups": s.groups, "im2col": s.im2col, "residual": s.residual,
             "macs": s.macs, "ideal_cycles": s.ideal_cycles, "cycles": s.cycles,
             "utilization": round(s.utilization, 4), "acc_bits_needed": s.acc_bits_needed,
-            "memory": mem,
+            "memory": mem, "engine": s.engine,
         })
+        if s.engine == "dual":
+            layers[-1].update(act_bits=s.act_bits, msb_bits=s.msb_bits, dp_mode=s.dp_mode,
+                              cycles_msb=s.cycles_msb)
     host = [s.to_dict() for s in lp.steps if isinstance(s, HostStep)]
     macs = sum(l["macs"] for l in layers)
     ideal = sum(l["ideal_cycles"] for l in layers)
@@ -78,6 +81,9 @@ def report_markdown(rep: dict[str, Any]) -> str:
     ]
     for l in rep["layers"]:
         note = " (im2col)" if l["im2col"] else ""
+        if l.get("engine") == "dual":
+            note += (f" (dual {l['act_bits']}/{l['msb_bits']} bits, {l['dp_mode']}; "
+                     f"{l['cycles_msb']:,} cycles if no output passes)")
         note += f" (+{l['residual']})" if l["residual"] else ""
         note += f" (groups {l['groups']})" if l["groups"] > 1 else ""
         lines.append(
@@ -87,4 +93,10 @@ def report_markdown(rep: dict[str, Any]) -> str:
             f"{l['acc_bits_needed']} |")
     lines += ["", "Host steps: " + ", ".join(f"{h['name']} ({h['kind']})" for h in rep["host_steps"]),
               ""]
+    if any(l.get("engine") == "dual" for l in rep["layers"]):
+        lines += ["Dual-precision layers run on the dual-precision engine (`rtl/dual_engine.v`): "
+                  "an MSB pass over every output, then an LSB pass only over outputs whose gate "
+                  "passes (rules G0-G4). Their RTL cycles above are for every output passing "
+                  "(ideal = 2 passes × MACs / K²); the gated cycles depend on the input (see "
+                  "\"Gates\" below when present).", ""]
     return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""Input-adaptive models that ``make gen`` trains on digits itself when no checkpoint is given:
+``pg_resnet20`` (Precision Gating, ``train-pg`` defaults) and ``dfs_resnet20`` (Dynamic
+Fractional Skipping, ``train-dfs`` defaults).
+
+Each is trained once per cache folder with the ``python -m dynacc.quant`` command of its
+technique (same code path a user runs) and kept as a checkpoint that holds the integer program
+with its dual-precision layers; concurrent callers serialize on a lock file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+__all__ = ["GATED_MODELS", "gated_checkpoint"]
+
+#: gen model name -> (backbone model name, quant CLI arguments that train it on digits)
+GATED_MODELS: dict[str, tuple[str, list[str]]] = {
+    "pg_resnet20": ("resnet20", ["train-pg", "--model", "resnet20", "--data", "digits"]),
+    "dfs_resnet20": ("resnet20", ["train-dfs", "--model", "resnet20", "--data", "digits"]),
+}
+
+
+def gated_checkpoint(name: str, cache_dir: str | Path = "build/cache") -> Path:
+    """Path of the digits-trained checkpoint of gated model ``name`` (trained on first use)."""
+    if name not in GATED_MODELS:
+        raise ValueError(f"unknown gated model {name!r}; known: {', '.join(GATED_MODELS)}")
+    from dynacc.quant.cli import main as quant_main
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{name}-digits.pt"
+    with open(cache / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            rc = quant_main(GATED_MODELS[name][1] + ["--out", str(path)])
+            if rc != 0 or not path.exists():
+                raise RuntimeError(f"training {name} on digits failed (python -m dynacc.quant "
+                                   f"{' '.join(GATED_MODELS[name][1])} exited with {rc})")
+    return path
