@@ -20,6 +20,8 @@ ORDER = [
     "sim_speed.py",
     "e2e_digits.py",
     "resnet50_rtl.py",
+    "dual_speedup.py",
+    "pg_dfs.py",
 ]
 
 
