@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="output checkpoint (default: build/<model>/<model>-<data>-m<M>-<method>.pt)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_train_pg(sub)
+    _add_train_dfs(sub)
     return p
 
 
@@ -149,6 +150,123 @@ def _train_pg(args: argparse.Namespace) -> int:
           f"M={args.mantissa}: FP {fp_acc:.2f} %  PG (fake-quant) {st['acc']:.2f} %  "
           f"golden integer {gold_acc:.2f} %  update sparsity {100 * gst['update_sparsity']:.1f} %  "
           f"avg bits {gst['avg_bits']:.3f}")
+    print(f"saved {out}")
+    return 0
+
+
+def _add_train_dfs(sub: argparse._SubParsersAction) -> None:
+    """``train-dfs``: Dynamic Fractional Skipping -> integer program with a host gate."""
+    from .train_dfs import DFS_DEFAULTS
+
+    c = sub.add_parser("train-dfs", help="train a DFS gate (skip / low / full precision per "
+                                         "block and image) on a float CIFAR ResNet, build its "
+                                         "integer program, save")
+    c.set_defaults(handler=_train_dfs)
+    c.add_argument("--model", required=True, metavar="NAME",
+                   help="float backbone: resnet20 | resnet38 | resnet74")
+    c.add_argument("--data", default="digits", metavar="NAME",
+                   help="dataset: digits | cifar10 (default: %(default)s)")
+    c.add_argument("--data-root", default=None, metavar="DIR",
+                   help="local folder of cifar10 (nothing is downloaded)")
+    c.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="float weights to start from; without it digits use the cached trained "
+                        "model and other data train one for --float-epochs")
+    c.add_argument("--float-epochs", type=int, default=15,
+                   help="float training epochs when there is no checkpoint (default: %(default)s)")
+    c.add_argument("--options", default="skip,4,8",
+                   help="gate options, 'skip' and bit widths; the largest is the full "
+                        "precision b (default: %(default)s; skip-only baseline: skip,8)")
+    c.add_argument("--target-cp", type=float, default=50.0,
+                   help="target computation percentage in (0, 100] (default: %(default)s)")
+    c.add_argument("--epochs", type=int, default=6,
+                   help="stage-2 (joint) epochs (default: %(default)s)")
+    c.add_argument("--gate-epochs", type=int, default=2,
+                   help="stage-1 (gate -> full execution) epochs (default: %(default)s)")
+    c.add_argument("--beta", type=float, default=DFS_DEFAULTS["beta"],
+                   help="weight of the per-image, per-block cost term (default: %(default)s)")
+    c.add_argument("--lr", type=float, default=DFS_DEFAULTS["lr"],
+                   help="backbone learning rate (default: %(default)s)")
+    c.add_argument("--gate-lr", type=float, default=DFS_DEFAULTS["gate_lr"],
+                   help="gate learning rate, Adam (default: %(default)s)")
+    c.add_argument("--mantissa", type=int, default=9,
+                   help="mantissa bits M, sign included (default: %(default)s)")
+    c.add_argument("--exponent-bits", type=int, default=8,
+                   help="shared exponent bits E (default: %(default)s)")
+    c.add_argument("--method", default="max", choices=["kl", "max"],
+                   help="exponent method of the tensors DFS does not pin (default: %(default)s)")
+    c.add_argument("--calib-images", type=int, default=200,
+                   help="calibration images (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    c.add_argument("--out", default=None, metavar="FILE",
+                   help="output checkpoint (default: build/<model>/<model>-<data>-dfs-<options>"
+                        "-cp<target>.pt)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_dfs(args: argparse.Namespace) -> int:
+    from .dfs import parse_options
+    from .dfs_program import build_dfs_program, dfs_golden_stats, save_dfs_checkpoint
+    from .flow import cached_digits_model, calibration_batches
+    from .formats import BFPFormat
+    from .train import evaluate
+    from .train_dfs import dfs_stats, make_dfs_model, train_dfs, train_gate_full
+
+    try:
+        dfs_models = ("resnet20", "resnet38", "resnet74")
+        if args.model not in dfs_models:
+            raise ValueError(f"unknown model {args.model!r} for DFS; known: {', '.join(dfs_models)}")
+        opts = parse_options(args.options)
+        if not 0 < args.target_cp <= 100:
+            raise ValueError(f"--target-cp must be in (0, 100], got {args.target_cp:g}")
+        if args.epochs < 1 or args.gate_epochs < 0:
+            raise ValueError("--epochs must be >= 1 and --gate-epochs >= 0")
+        cfg = QuantConfig(fmt=BFPFormat(args.mantissa, args.exponent_bits), method=args.method)
+        if opts.act_bits > cfg.fmt.mantissa_bits - 1:
+            raise ValueError(f"option {opts.act_bits} bits does not fit --mantissa "
+                             f"{args.mantissa} (needs b <= M - 1)")
+        if args.data == "digits" and args.checkpoint is None:
+            float_model, splits = cached_digits_model(args.model, seed=args.seed,
+                                                      progress=not args.quiet)
+        else:
+            splits = load_data(args.model, args.data, args.data_root, seed=args.seed)
+            float_model, _ = prepare_float_model(args.model, splits, args.checkpoint,
+                                                 args.float_epochs, args.seed,
+                                                 progress=not args.quiet)
+        kwargs = {"num_classes": splits.num_classes, "in_channels": splits.shape[0]}
+        fp_acc = evaluate(float_model, splits.test)
+        calib = calibration_batches(splits.train, args.calib_images)
+        model = make_dfs_model(float_model, opts, calib, cfg.fmt, args.seed)
+        if args.gate_epochs:
+            train_gate_full(model, splits.train, args.gate_epochs, seed=args.seed,
+                            progress=not args.quiet)
+        train_dfs(model, splits.train, args.target_cp, args.epochs, lr=args.lr,
+                  gate_lr=args.gate_lr, beta=args.beta, seed=args.seed, progress=not args.quiet)
+        st = dfs_stats(model, splits.test)
+        program, gate = build_dfs_program(model, calib, cfg, progress=not args.quiet)
+        gst = dfs_golden_stats(program, gate, splits.test, progress=not args.quiet)
+        res = {"fp_acc": fp_acc, "dfs_acc": st["acc"], "cp": st["cp"],
+               "cp_per_block": st["cp_per_block"], "golden_acc": gst["acc"],
+               "golden_cp": gst["cp"], "golden_cp_per_block": gst["cp_per_block"]}
+        tag = "-".join(str(c) for c in opts.choices)
+        out = Path(args.out or f"build/{args.model}/{args.model}-{args.data}-dfs-{tag}"
+                               f"-cp{args.target_cp:g}.pt")
+        save_dfs_checkpoint(out, args.model, kwargs, model, program, gate,
+                            meta={"dataset": args.data, **res, "quant": cfg.to_dict(),
+                                  "calib_images": args.calib_images, "technique": "dfs",
+                                  "train": {"target_cp": args.target_cp, "epochs": args.epochs,
+                                            "gate_epochs": args.gate_epochs, "beta": args.beta,
+                                            "lr": args.lr, "gate_lr": args.gate_lr,
+                                            "seed": args.seed}})
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    per = " ".join(f"{v:.0f}" for v in st["cp_per_block"])
+    gper = " ".join(f"{v:.0f}" for v in gst["cp_per_block"])
+    print(f"{args.model} on {args.data}, DFS options {args.options} target CP {args.target_cp:g} %: "
+          f"FP {fp_acc:.2f} %  DFS (fake-quant) {st['acc']:.2f} % at CP {st['cp']:.1f} %  "
+          f"golden integer {gst['acc']:.2f} % at CP {gst['cp']:.1f} %")
+    print(f"CP per gated block (fake-quant): {per}")
+    print(f"CP per gated block (golden):     {gper}")
     print(f"saved {out}")
     return 0
 
