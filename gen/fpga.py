@@ -67,8 +67,9 @@ log = logging.getLogger("dynacc.gen.fpga")
 DP16KD_SHAPES = ((16384, 1), (8192, 2), (4096, 4), (2048, 9), (1024, 18), (512, 36))
 #: depth of the ``shallow`` harness memories: one DP16KD deep at 512×36
 SHALLOW_DEPTH = 512
-#: MULT18X18D kept free for products outside the MAC trees (address generator setup)
-DSP_RESERVE = 16
+#: MULT18X18D kept free outside the MAC trees (the address generator's setup products are
+#: shift-adds, so none is needed by the engine itself)
+DSP_RESERVE = 0
 #: yosys command (run after ``proc``) that marks the MAC trees' operand registers ``keep``
 KEEP_OPERAND_COPIES = "setattr -set keep 1 w:x_op %ci1 t:$dff %i"
 #: what surrounds the engine in the synthesized design (see the module docstring)
@@ -141,10 +142,13 @@ def memory_needs(cfg: HwConfig, depth_cap: int | None = None) -> dict[str, Any]:
 
 
 def dsp_lanes(cfg: HwConfig, device: Device, dsp: str | int = "auto") -> int:
-    """Output lanes whose K products go to MULT18X18D (the others use LUTs)."""
+    """Output lanes whose K products go to MULT18X18D (the others use LUTs). ``auto``: the
+    config's unsplit lanes when it splits some (``split_lanes``: those are LUT multipliers
+    by design), else as many lanes as the DSPs hold."""
     k = cfg.lanes
     if dsp == "auto":
-        return max(0, min(k, (device.dsps - DSP_RESERVE) // k))
+        fit = max(0, min(k, (device.dsps - DSP_RESERVE) // k))
+        return min(fit, k - min(cfg.split_lanes, k)) if cfg.split_lanes else fit
     if dsp == "none":
         return 0
     if dsp == "all":
@@ -644,9 +648,12 @@ def engine_components(cfg: HwConfig) -> dict[str, Any]:
     return {
         "agen": lambda: AddressGen(cfg),
         "mac_dsp": lambda: MacTree(cfg.lanes, mantissa_bits=cfg.mantissa_bits,
-                                   levels_per_stage=cfg.tree_levels_per_stage),
+                                   levels_per_stage=cfg.tree_levels_per_stage,
+                                   product_stages=cfg.product_stages),
         "mac_lut": lambda: MacTree(cfg.lanes, mantissa_bits=cfg.mantissa_bits,
-                                   levels_per_stage=cfg.tree_levels_per_stage),
+                                   levels_per_stage=cfg.tree_levels_per_stage,
+                                   product_stages=cfg.product_stages,
+                                   split=cfg.split_lanes > 0),
         "aln": lambda: Aligner(in_width=tree_shape(cfg).width, max_shift=cfg.align_span),
         "acc": lambda: Accumulator(in_width=aligned_shape(cfg).width,
                                    acc_bits=acc_shape(cfg).width),

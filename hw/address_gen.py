@@ -179,7 +179,9 @@ class AddressGen(wiring.Component):
 
         last_cw, last_kx, last_ky = last_f["cw"], last_f["kx"], last_f["ky"]
         last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
-        last = last_cw & last_kx & last_ky
+        # last = last_cw & last_kx & last_ky, itself a flag updated with the three
+        last = Signal()
+        is_m1 = {n: counters[n][0] == max_m1[n] for n in ("cw", "kx", "ky")}
 
         m.d.comb += [
             self.act_addr.eq(a_addr),
@@ -233,6 +235,7 @@ class AddressGen(wiring.Component):
                     w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
                 ]
                 m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
+                m.d.sync += last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"])
                 m.next = "SETUP6"
             with m.State("SETUP6"):
                 m.d.comb += self.busy.eq(1)
@@ -242,16 +245,20 @@ class AddressGen(wiring.Component):
                 m.d.comb += [self.busy.eq(1), self.token.valid.eq(1)]
                 m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
                 with m.If(~last_cw):
-                    m.d.sync += [*incr("cw"), a_addr.eq(a_addr + 1), al_addr.eq(al_addr + 1)]
+                    m.d.sync += [*incr("cw"), a_addr.eq(a_addr + 1), al_addr.eq(al_addr + 1),
+                                 last.eq(is_m1["cw"] & last_kx & last_ky)]
                 with m.Elif(~last_kx):
                     m.d.sync += [*wrap("cw"), *incr("kx"), ix.eq(ix + 1),
-                                 a_addr.eq(a_addr + 1), al_addr.eq(al_base)]
+                                 a_addr.eq(a_addr + 1), al_addr.eq(al_base),
+                                 last.eq(max_z["cw"] & is_m1["kx"] & last_ky)]
                 with m.Elif(~last_ky):
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), ix.eq(ix_pix),
-                                 iy.eq(iy + 1), a_addr.eq(a_addr + row_skip), al_addr.eq(al_base)]
+                                 iy.eq(iy + 1), a_addr.eq(a_addr + row_skip), al_addr.eq(al_base),
+                                 last.eq(max_z["cw"] & max_z["kx"] & is_m1["ky"])]
                 with m.Else():
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
-                                 o_addr.eq(o_addr + 1)]
+                                 o_addr.eq(o_addr + 1),
+                                 last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"])]
                     with m.If(~last_t):
                         m.d.sync += [*incr("t"), ix.eq(ix_pix), iy.eq(iy_row), a_addr.eq(pix_addr),
                                      al_base.eq(al_base + d.in_words),

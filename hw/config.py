@@ -60,6 +60,11 @@ class HwConfig:
     shift_bits: int = 8
     #: adder-tree levels between two pipeline registers (Fmax knob)
     tree_levels_per_stage: int = 2
+    #: output lanes (the last ones; all of them when >= lanes) whose K products are each split
+    #: into two registered half-width products (LUT multipliers, for Fmax); when > 0 every
+    #: other lane registers its single product twice (DSP block + fabric register), so all
+    #: lanes have the same latency (:attr:`product_stages` = 2)
+    split_lanes: int = 0
     #: activation memory depth (words)
     act_depth: int = 1 << 17
     #: output (and residual) memory depth (words)
@@ -88,6 +93,7 @@ class HwConfig:
         _check_int("align_span", self.align_span, 0, 63)
         _check_int("shift_bits", self.shift_bits, 2, 8)
         _check_int("tree_levels_per_stage", self.tree_levels_per_stage, 1, 16)
+        _check_int("split_lanes", self.split_lanes, 0, 64)
         _check_int("act_depth", self.act_depth, 1, 1 << 24)
         _check_int("out_depth", self.out_depth, 1, 1 << 24)
         _check_int("wgt_depth", self.wgt_depth, 1, 1 << 24)
@@ -111,6 +117,15 @@ class HwConfig:
     def fmt(self) -> BFPFormat:
         """The mantissa format of the engine."""
         return BFPFormat(self.mantissa_bits)
+
+    @property
+    def product_stages(self) -> int:
+        """Registered stages of each product in the MAC trees: 2 when any lane is split."""
+        return 2 if self.split_lanes else 1
+
+    def lane_split(self, o: int) -> bool:
+        """Whether output lane ``o`` computes its products as two half-width products."""
+        return o >= self.lanes - min(self.split_lanes, self.lanes)
 
     @property
     def macs_per_cycle(self) -> int:

@@ -130,7 +130,8 @@ class ConvEngine(wiring.Component):
         ``write``: the output word is written.
         """
         s = {"mac": READ_DELAY}
-        s["align"] = s["mac"] + mac_tree_latency(cfg.lanes, cfg.tree_levels_per_stage)
+        s["align"] = s["mac"] + mac_tree_latency(cfg.lanes, cfg.tree_levels_per_stage,
+                                                 cfg.product_stages)
         s["acc"] = s["align"] + Aligner.LATENCY
         s["rq"] = s["acc"] + Accumulator.LATENCY
         s["sum"] = s["rq"] + Requantizer.LATENCY
@@ -193,7 +194,8 @@ class ConvEngine(wiring.Component):
 
         for o in range(k):
             mac = MacTree(k, mantissa_bits=cfg.mantissa_bits,
-                          levels_per_stage=cfg.tree_levels_per_stage)
+                          levels_per_stage=cfg.tree_levels_per_stage,
+                          product_stages=cfg.product_stages, split=cfg.lane_split(o))
             aln = Aligner(in_width=tree_shape(cfg).width, max_shift=cfg.align_span)
             acc = Accumulator(in_width=aligned_shape(cfg).width, acc_bits=acc_shape(cfg).width)
             rq_acc = Requantizer(fmt, in_width=cfg.acc_bits, shift_bits=cfg.shift_bits)
