@@ -36,7 +36,7 @@ gen: setup
 	$(PY) -m dynacc.gen --model $(MODEL) $(if $(HW),--hw $(HW))
 
 deploy: setup
-	$(PY) sw/deploy.py --model $(MODEL) --hw $(or $(HW),configs/hw/default.yaml) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out build/deploy/$(MODEL)
+	$(PY) sw/deploy.py --model $(MODEL) $(if $(HW),--hw $(HW)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out build/deploy/$(MODEL)
 
 DEVICE  ?= ecp5-85k
 

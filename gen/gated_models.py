@@ -12,7 +12,8 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
-__all__ = ["GATED_MODELS", "gated_checkpoint"]
+__all__ = ["GATED_MODELS", "gated_checkpoint", "backbone", "model_checkpoint",
+           "stored_dual_program"]
 
 #: gen model name -> (backbone model name, quant CLI arguments that train it on digits)
 GATED_MODELS: dict[str, tuple[str, list[str]]] = {
@@ -38,3 +39,25 @@ def gated_checkpoint(name: str, cache_dir: str | Path = "build/cache") -> Path:
                 raise RuntimeError(f"training {name} on digits failed (python -m dynacc.quant "
                                    f"{' '.join(GATED_MODELS[name][1])} exited with {rc})")
     return path
+
+
+def backbone(model: str) -> str:
+    """Zoo model under a gen / deploy model name (``pg_resnet20`` -> ``resnet20``)."""
+    return GATED_MODELS[model][0] if model in GATED_MODELS else model
+
+
+def model_checkpoint(model: str, checkpoint: str | Path | None) -> str | None:
+    """The checkpoint a gen / deploy run of ``model`` uses: the given one, else for a gated
+    model its digits-trained checkpoint (trained on first use), else None (random weights)."""
+    if checkpoint is not None:
+        return str(checkpoint)
+    return str(gated_checkpoint(model)) if model in GATED_MODELS else None
+
+
+def stored_dual_program(ck):  # noqa: ANN001, ANN201 - quant.checkpoint.Checkpoint -> BFPProgram
+    """The checkpoint's stored program when it has dual-precision ops (a PG / DFS program:
+    its gates and PACT exponents come from training, so it is used as is, never
+    recalibrated), else None."""
+    if ck.program is not None and any(op.dual_precision for op in ck.program.ops):
+        return ck.program
+    return None

@@ -89,8 +89,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _backbone(model: str) -> str:
     """Zoo model under a gen model name (``pg_resnet20`` -> ``resnet20``)."""
-    from .gated_models import GATED_MODELS
-    return GATED_MODELS[model][0] if model in GATED_MODELS else model
+    from .gated_models import backbone
+    return backbone(model)
 
 
 def _dataset(o: GenOptions) -> str:
@@ -108,15 +108,14 @@ def step_model(st: GenState) -> GenState:
     dataset = _dataset(o)
     shape = input_shape(backbone, dataset)
     kwargs = {"num_classes": DATASET_NUM_CLASSES[dataset], "in_channels": shape[0]}
-    checkpoint = o.checkpoint
-    if checkpoint is None and backbone != o.model:
-        from .gated_models import gated_checkpoint
-        checkpoint = str(gated_checkpoint(o.model))
+    from .gated_models import model_checkpoint, stored_dual_program
+    checkpoint = model_checkpoint(o.model, o.checkpoint)
+    if checkpoint and o.checkpoint is None:
         log.info("%s: digits-trained checkpoint %s", o.model, checkpoint)
     if checkpoint:
         ck = load_checkpoint(checkpoint, expect_model=backbone)
         st.model, st.model_kwargs = ck.model, ck.model_kwargs or kwargs
-        if ck.program is not None and any(op.dual_precision for op in ck.program.ops):
+        if stored_dual_program(ck) is not None:
             # a PG / DFS program: its gates and PACT exponents come from training, keep it
             st.program, st.program_source = ck.program, checkpoint
     else:

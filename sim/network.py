@@ -10,13 +10,23 @@ and every engine layer reads the previous RTL outputs. :func:`check_network` com
 tensor of the run with ``program.run_golden`` (``==``, element by element; the message of
 ``check_conv_output`` names layer, channel, y, x and both values) and every layer's RTL
 cycle counter with ``hw.cycles.conv_cycles``.
+
+A Precision Gating / DFS deploy (dual-precision layers, ``engine: dual``) runs on the
+two-engine top (:mod:`dynacc.sim.net_top`, one simulator process for both engines): its
+dual layers run on the dual-precision engine, chained like every other layer, in the mode
+``modes`` gives per image (default: the exported one). :func:`check_network` then also
+compares every gate outcome with the golden model's and each dual layer's RTL cycles with
+``DualProgram.cycles`` of the golden gate outcomes of that image.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -26,10 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynacc.hw.config import HwConfig
 from dynacc.sw.reader import Deploy, DeployLayer, load_deploy
 
 from . import runner
-from .conv import _build_cached, check_conv_output
+from .conv import MAKE_VARS, _build_cached, check_conv_output
 
 __all__ = ["NetworkResult", "LayerCheck", "NetworkCheck", "run_network", "check_network",
            "verify_network"]
@@ -47,6 +58,10 @@ class NetworkResult:
     cycles: dict[str, np.ndarray]      # engine layer -> [N] RTL cycle counter
     rtl_wall_s: dict[str, float]       # engine layer -> seconds start -> done, all images
     sim_wall_s: float                  # the simulator process (launch, loads, host steps)
+    #: dual-precision layer -> [N, O, Ho, Wo] bool: the RTL gate outcomes
+    passed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: per image, dual layer -> mode it ran in where it differs from the exported one
+    modes: list[dict[str, str]] | None = None
 
     @property
     def cycles_per_image(self) -> np.ndarray:
@@ -60,8 +75,13 @@ class LayerCheck:
     bad_images: int
     mismatch: str | None        # the first mismatch (image, layer, channel, y, x, values)
     cycles: int | None          # RTL cycles (engine layers; None if they differ per image)
-    model_cycles: int | None    # hw.cycles.conv_cycles
+    model_cycles: int | None    # conv_cycles / DualProgram.cycles (None if they differ per image)
     cycles_ok: bool
+    engine: str = "conv"        # conv | dual | host
+    gates_exact: bool = True    # dual: every gate outcome equal to the golden model's
+    gate_mismatch: str | None = None   # dual: the first differing gate outcome
+    passed_fraction: float | None = None  # dual: golden outputs that passed, all images
+    rtl_cycles: np.ndarray | None = None  # [N] RTL cycles (engine layers)
 
 
 @dataclasses.dataclass
@@ -84,9 +104,12 @@ class NetworkCheck:
         for l in self.layers + self.host:
             if not l.exact:
                 out.append(l.mismatch or f"layer {l.name!r} differs")
+            if not l.gates_exact:
+                out.append(l.gate_mismatch or f"layer {l.name!r}: gate outcomes differ")
             if not l.cycles_ok:
-                out.append(f"layer {l.name!r}: RTL cycles {l.cycles} != conv_cycles model "
-                           f"{l.model_cycles}")
+                model = "DualProgram.cycles" if l.engine == "dual" else "conv_cycles model"
+                rtl = l.cycles if l.cycles is not None else l.rtl_cycles.tolist()
+                out.append(f"layer {l.name!r}: RTL cycles {rtl} != {model} {l.model_cycles}")
         if not np.array_equal(self.rtl_pred, self.golden_pred):
             out.append(f"predictions differ on {int((self.rtl_pred != self.golden_pred).sum())} "
                        "images")
@@ -97,6 +120,55 @@ class NetworkCheck:
         f = self.failures()
         if f:
             raise AssertionError(f[0] + (f" (+{len(f) - 1} more)" if len(f) > 1 else ""))
+
+
+def _net_fingerprint(cfg: HwConfig) -> str:
+    """Hash of everything the two-engine sim top depends on (hw/ sources, the sim tops,
+    cfg, amaranth version)."""
+    import amaranth
+
+    h = hashlib.sha256(cfg.key().encode())
+    h.update(amaranth.__version__.encode())
+    here = Path(__file__).resolve().parent
+    for f in sorted((here.parent / "hw").glob("*.py")) + [here / n for n in (
+            "top.py", "dual_top.py", "net_top.py")]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _build_net_cached(cfg: HwConfig, waves: bool
+                      ) -> tuple[runner.SimBuild, dict[str, dict[str, int]]]:
+    """The simulator of :func:`dynacc.sim.net_top.net_sim_top` (built once per cfg and
+    source state, reused from ``build/sim``) and its per-engine load bits."""
+    from .net_top import net_sim_top
+
+    index = (runner.build_root() / "index"
+             / f"net-{cfg.name}-{_net_fingerprint(cfg)}{'-w' if waves else ''}.json")
+    if index.exists():
+        info = json.loads(index.read_text())
+        bdir = Path(info["build_dir"])
+        if (bdir / "BUILT").exists():
+            return runner.SimBuild(bdir, info["toplevel"], 0.0, True), info["load_bits"]
+    top = net_sim_top(cfg)
+    sim = runner.build(f"net_{cfg.name}", top.sources, top.toplevel, waves=waves,
+                       public_all=False, make_vars=MAKE_VARS)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_name(index.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"build_dir": str(sim.build_dir), "toplevel": sim.toplevel,
+                               "load_bits": top.load_bits}))
+    os.replace(tmp, index)
+    return sim, top.load_bits
+
+
+def build_network_sim(cfg: HwConfig, dual: bool) -> tuple[runner.SimBuild, dict[str, Any]]:
+    """The simulator a deploy folder runs on: the conv engine sim top, or with ``dual``
+    (the folder has dual-precision layers) the two-engine top. Returns the build and the
+    load bits (``{mem: bit}``, or ``{engine: {mem: bit}}`` for the two-engine top)."""
+    if dual:
+        return _build_net_cached(cfg, runner.waves_enabled())
+    return _build_cached(cfg, runner.waves_enabled())
 
 
 def _poll(progress: Path, total: int, stop: threading.Event, desc: str) -> None:
@@ -117,20 +189,52 @@ def _poll(progress: Path, total: int, stop: threading.Event, desc: str) -> None:
                 break
 
 
+def _modes(dep: Deploy, modes: Any, n: int) -> list[dict[str, str]] | None:
+    """``modes`` (None, one ``{layer: mode}`` for every image, or a list of N of them)
+    checked against the deploy's dual-precision layers, as a list of N dicts."""
+    from dynacc.hw.dual_program import MODE_CODES
+
+    if modes is None:
+        return None
+    per = [dict(modes)] * n if isinstance(modes, dict) else [dict(m or {}) for m in modes]
+    if len(per) != n:
+        raise ValueError(f"modes: {len(per)} entries for {n} images (one {{layer: mode}} per "
+                         "image, or one for all)")
+    dual = {l.name for l in dep.layers if l.engine == "dual"}
+    for i, m in enumerate(per):
+        for name, mode in m.items():
+            if name not in dual:
+                raise ValueError(f"modes[{i}]: layer {name!r} is not a dual-precision layer of "
+                                 f"{dep.path} (those are: {', '.join(sorted(dual)) or 'none'})")
+            if mode not in MODE_CODES:
+                raise ValueError(f"modes[{i}]: layer {name!r}: mode {mode!r} must be one of "
+                                 f"{tuple(MODE_CODES)}")
+    return per
+
+
 def run_network(deploy: Deploy | str | Path, images: torch.Tensor | np.ndarray, *,
                 integer_input: bool = False, clock: str = "gpi", keep: bool | None = None,
-                progress: bool = False, verify: bool = True) -> NetworkResult:
+                progress: bool = False, verify: bool = True,
+                modes: dict[str, str] | list[dict[str, str]] | None = None) -> NetworkResult:
     """Run ``images`` (float ``[N, C, H, W]``, or input mantissas with ``integer_input``)
     through the deploy folder on the RTL, in one simulator process.
 
-    Raises :class:`~dynacc.sw.reader.DeployError` for a bad folder and
-    :class:`~dynacc.sim.runner.SimulationError` if the simulation fails.
+    Dual-precision layers (``engine: dual``) run on the dual-precision engine of the
+    two-engine top, in their exported mode unless ``modes`` (``{layer: mode}`` for every
+    image, or a list with one per image: the host gate's decisions of a DFS run) says
+    ``gated`` / ``msb`` / ``full`` for that image; their gate outcomes come back in
+    ``NetworkResult.passed``.
+
+    Raises :class:`~dynacc.sw.reader.DeployError` for a bad folder, ``ValueError`` for bad
+    ``modes`` and :class:`~dynacc.sim.runner.SimulationError` if the simulation fails.
     """
     dep = deploy if isinstance(deploy, Deploy) else load_deploy(deploy, images=False,
                                                                  verify=verify)
     x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    per_image = _modes(dep, modes, len(x))
     cfg = dep.hw
-    sim, load_bits = _build_cached(cfg, runner.waves_enabled())
+    two = any(l.engine == "dual" for l in dep.layers)
+    sim, load_bits = build_network_sim(cfg, two)
     run_dir = runner.new_run_dir(f"net_{cfg.name}")
     out = run_dir / "out"
     out.mkdir()
@@ -141,7 +245,8 @@ def run_network(deploy: Deploy | str | Path, images: torch.Tensor | np.ndarray, 
     manifest.write_text(json.dumps({
         "deploy": str(Path(dep.path).resolve()), "images": str(run_dir / "images.npy"),
         "integer_input": integer_input, "out": str(out), "progress": str(prog_file),
-        "load_bits": load_bits, "clock": clock, "verify": verify}))
+        "load_bits": load_bits, "engines": two, "modes": per_image, "clock": clock,
+        "verify": verify}))
     err: list[BaseException] = []
 
     def target() -> None:
@@ -173,9 +278,11 @@ def run_network(deploy: Deploy | str | Path, images: torch.Tensor | np.ndarray, 
     res = json.loads((out / "result.json").read_text())
     with np.load(out / "acts.npz") as z:
         acts = {k: z[k].astype(np.int64) for k in z.files}
+    with np.load(out / "passed.npz") as z:
+        passed = {k: z[k].astype(bool) for k in z.files}
     result = NetworkResult(dep, len(x), acts,
                            {k: np.asarray(v, dtype=np.int64) for k, v in res["cycles"].items()},
-                           dict(res["rtl_wall_s"]), wall)
+                           dict(res["rtl_wall_s"]), wall, passed, per_image)
     if keep or runner.waves_enabled():
         _log.warning("kept the run directory %s", run_dir)
     else:
@@ -203,55 +310,108 @@ def _compare(name: str, rtl: np.ndarray, gold: np.ndarray, first_image: int) -> 
     return len(bad), None  # pragma: no cover
 
 
+def _with_modes(program: Any, modes: dict[str, str] | None) -> Any:
+    """``program`` with the dual-precision ops of ``modes`` run in those modes."""
+    if not modes:
+        return program
+    return dataclasses.replace(program, ops=[
+        dataclasses.replace(o, dp_mode=modes[o.name]) if o.name in modes else o
+        for o in program.ops])
+
+
 def check_network(program: Any, result: NetworkResult, images: torch.Tensor | np.ndarray, *,
                   integer_input: bool = False, chunk: int = 64) -> NetworkCheck:
-    """Compare ``result`` with ``program.run_golden(images)`` (a ``BFPProgram``), every
-    tensor the run produced, and the RTL cycles with ``conv_cycles``."""
+    """Compare ``result`` with ``program.run_golden(images)`` (a ``BFPProgram``; per image
+    with the modes the run used), every tensor the run produced, the gate outcomes of every
+    dual-precision layer, and the RTL cycles with ``conv_cycles`` (conv layers) or
+    ``DualProgram.cycles`` of the golden gate outcomes (dual layers)."""
+    from dynacc.gen.engine_layers import dual_layer
     from dynacc.hw.cycles import conv_cycles
 
     dep = result.deploy
     x = torch.as_tensor(np.asarray(images))
     n = len(x)
     names = [s.output for s in dep.steps]
+    duals = [s for s in dep.layers if s.engine == "dual"]
     bad = {t: 0 for t in names}
     first: dict[str, str | None] = {t: None for t in names}
+    gbad = {s.name: 0 for s in duals}
+    gfirst: dict[str, str | None] = {s.name: None for s in duals}
+    passed_sum = {s.name: 0 for s in duals}
+    model_dual: dict[str, list[int]] = {s.name: [] for s in duals}
+    progs: dict[tuple[str, str], Any] = {}
+    if result.modes and any(result.modes):
+        groups = [(i, i + 1, result.modes[i]) for i in range(n)]
+    else:
+        groups = [(a, min(a + chunk, n), None) for a in range(0, n, chunk)]
     gold_out = []
-    for a in range(0, n, chunk):
-        env = program.run_golden(x[a:a + chunk], integer_input=integer_input)
+    for a, b, modes in groups:
+        prog = _with_modes(program, modes)
+        env = prog.run_golden(x[a:b], integer_input=integer_input)
         for t in names:
-            nb, msg = _compare(t, result.acts[t][a:a + chunk], env[t].numpy(), a)
+            nb, msg = _compare(t, result.acts[t][a:b], env[t].numpy(), a)
             bad[t] += nb
             if first[t] is None:
                 first[t] = msg
+        for s in duals:
+            op = prog.op(s.name)
+            _, gp = prog.dual_precision_acc(op, env[op.inputs[0]])
+            gp = gp.numpy()
+            rtl = result.passed.get(s.name)
+            if rtl is None:
+                nb, msg = b - a, f"layer {s.name!r}: the run returned no gate outcomes"
+            else:
+                nb, msg = _compare(f"{s.name} (gate outcomes)", rtl[a:b].astype(np.int64),
+                                   gp.astype(np.int64), a)
+            gbad[s.name] += nb
+            if gfirst[s.name] is None:
+                gfirst[s.name] = msg
+            passed_sum[s.name] += int(gp.sum())
+            key = (s.name, op.dp_mode)
+            if key not in progs:
+                progs[key] = dual_layer(prog, s, mode=op.dp_mode).program(dep.hw)
+            model_dual[s.name] += [progs[key].cycles(p) for p in gp]
         gold_out.append(env[dep.output].numpy())
     gold = np.concatenate(gold_out)
     layers, host = [], []
     for s in dep.steps:
         if isinstance(s, DeployLayer):
             cyc = result.cycles[s.name]
-            model = conv_cycles(dep.hw, in_channels=s.in_channels, out_channels=s.out_channels,
-                                out_height=s.out_height, out_width=s.out_width,
-                                kernel_h=s.kernel, kernel_w=s.kernel)
             one = int(cyc[0]) if len(cyc) and (cyc == cyc[0]).all() else None
-            ok = len(cyc) == n and bool((cyc == model).all()) and model == s.cycles
             msg = first[s.output]
             if msg is not None and s.output != s.name:
                 msg += f" (tensor {s.output!r}, written by engine layer {s.name!r})"
+            if s.engine == "dual":
+                mc = np.asarray(model_dual[s.name], dtype=np.int64)
+                ok = len(cyc) == n and bool((cyc == mc).all())
+                mone = int(mc[0]) if len(mc) and (mc == mc[0]).all() else None
+                size = s.out_channels * s.out_height * s.out_width * n
+                layers.append(LayerCheck(
+                    s.name, bad[s.output] == 0, bad[s.output], msg, one, mone, ok, "dual",
+                    gbad[s.name] == 0, gfirst[s.name], passed_sum[s.name] / max(size, 1),
+                    cyc))
+                continue
+            model = conv_cycles(dep.hw, in_channels=s.in_channels, out_channels=s.out_channels,
+                                out_height=s.out_height, out_width=s.out_width,
+                                kernel_h=s.kernel, kernel_w=s.kernel)
+            ok = len(cyc) == n and bool((cyc == model).all()) and model == s.cycles
             layers.append(LayerCheck(s.name, bad[s.output] == 0, bad[s.output], msg, one,
-                                     model, ok))
+                                     model, ok, rtl_cycles=cyc))
         else:
             host.append(LayerCheck(s.name, bad[s.output] == 0, bad[s.output], first[s.output],
-                                   None, None, True))
+                                   None, None, True, "host"))
     return NetworkCheck(layers, host, result.acts[dep.output].reshape(n, -1).argmax(axis=1),
                         gold.reshape(n, -1).argmax(axis=1))
 
 
 def verify_network(program: Any, deploy: Deploy | str | Path, images: torch.Tensor, *,
-                   integer_input: bool = False, progress: bool = False
+                   integer_input: bool = False, progress: bool = False,
+                   modes: dict[str, str] | list[dict[str, str]] | None = None
                    ) -> tuple[NetworkResult, NetworkCheck]:
     """:func:`run_network` + :func:`check_network`, asserting bit-exactness at every layer,
-    equal predictions and ``cycles == conv_cycles`` for every layer."""
-    res = run_network(deploy, images, integer_input=integer_input, progress=progress)
+    equal gate outcomes, equal predictions and exact cycles for every layer."""
+    res = run_network(deploy, images, integer_input=integer_input, progress=progress,
+                      modes=modes)
     chk = check_network(program, res, images, integer_input=integer_input)
     chk.assert_ok()
     return res, chk

@@ -27,6 +27,50 @@ def _i(v: Any, none: int = 0) -> str:
     return str(none if v is None else int(v))
 
 
+def _dual_tables(layers: list[dict[str, Any]]) -> list[str]:
+    """The dual-precision layers' table (only when the program has some, so plain headers
+    are unchanged): engine kind per layer, the dual descriptor fields, gate blob refs."""
+    from dynacc.hw.dual_program import MODE_CODES
+
+    dual = [(i, l) for i, l in enumerate(layers) if l.get("engine", "conv") == "dual"]
+    if not dual:
+        return []
+    out = [f"#define DYNACC_NUM_DUAL_LAYERS {len(dual)}", "",
+           "enum dynacc_engine {", "    DYNACC_ENGINE_CONV = 0,", "    DYNACC_ENGINE_DUAL = 1,",
+           "};", "",
+           "/* dual-precision modes: the descriptor's mode field */",
+           "enum dynacc_dual_mode {",
+           *[f"    DYNACC_DUAL_{k.upper()} = {v}," for k, v in MODE_CODES.items()],
+           "};", "",
+           "/* enum dynacc_engine of each engine layer */",
+           "static const uint8_t dynacc_layer_engine[DYNACC_NUM_LAYERS] = {"
+           + ", ".join("1" if l.get("engine", "conv") == "dual" else "0" for l in layers) + "};",
+           "",
+           "/* a dual-precision layer (Precision Gating / DFS precisions): its dynacc_layers",
+           " * entry gives geometry, act, clamp_max and the weight-memory blobs (desc.residual",
+           " * = 0); this adds the dual descriptor fields and the gate memory (per output lane:",
+           " * threshold in accumulator LSBs, sign bit). DFS hosts may write another mode per",
+           " * image. */",
+           "typedef struct {",
+           "    int32_t layer;           /* index into dynacc_layers */",
+           "    uint32_t act_bits;       /* unsigned input bits b (rule G0) */",
+           "    uint32_t msb_bits;       /* MSB-phase bits */",
+           "    uint32_t lsb_bits;       /* descriptor field: L = act_bits - msb_bits */",
+           "    uint32_t mode;           /* descriptor field: enum dynacc_dual_mode */",
+           "    uint64_t cycles_msb;     /* cycles when no output passes (cycles: all pass) */",
+           "    dynacc_blob_ref_t gate;",
+           "} dynacc_dual_layer_t;",
+           "",
+           "static const dynacc_dual_layer_t dynacc_dual_layers[DYNACC_NUM_DUAL_LAYERS] = {"]
+    for i, l in dual:
+        g = l["memories"]["gate"]
+        d = l["descriptor"]
+        out.append(f"    {{{i}, {l['act_bits']}, {l['msb_bits']}, {int(d['lsb_bits'])}, "
+                   f"{int(d['mode'])}, {l['cycles_msb']}ULL, "
+                   f"{{{g['offset']}ULL, {g['size']}ULL, {g['words']}}}}},")
+    return out + ["};", ""]
+
+
 def render_header(man: dict[str, Any]) -> str:
     """C header text of manifest ``man`` (without its checksum)."""
     hw, bfp = man["hw"], man["bfp"]
@@ -143,13 +187,15 @@ def render_header(man: dict[str, Any]) -> str:
         out.append(
             f"    {{{_c_str(l['name'])}, {tidx[l['input']]}, {tidx[l['output']]}, "
             f"{tidx[l['residual']] if l['residual'] else -1}, "
-            "{" + ", ".join(str(int(d[f])) for f in _DESC_FIELDS) + "}, "
+            "{" + ", ".join(str(int(d.get(f, 0))) for f in _DESC_FIELDS) + "}, "
             f"{1 if im else 0}, {im['kernel'] if im else 0}, {im['stride'] if im else 0}, "
             f"{im['padding'] if im else 0}, "
             f"{l['in_channels']}, {l['out_channels']}, {l['act_words']}, {l['out_words']}, "
             f"{_i(l['in_lsb'])}, {_i(l['out_lsb'])}, {_i(l['joint_lsb'])}, "
             f"{_i(l['residual_lsb'])}, {l['cycles']}ULL, {l['ideal_cycles']}ULL, {refs}}},")
-    out += ["};", "", "static const dynacc_step_t dynacc_steps[DYNACC_NUM_STEPS] = {"]
+    out += ["};", ""]
+    out += _dual_tables(layers)
+    out += ["static const dynacc_step_t dynacc_steps[DYNACC_NUM_STEPS] = {"]
     for s in steps:
         if "engine" in s:
             l = s["engine"]

@@ -2,8 +2,13 @@
 
     python sw/deploy.py --model resnet20 --checkpoint ckpt.pt --out deploy/resnet20
     python sw/deploy.py --model resnet50 --out deploy/resnet50      # random weights (said so)
+    python sw/deploy.py --model pg_resnet20                         # PG: dual-precision layers
 
-The checkpoint is a calibrated dynacc checkpoint (``python -m dynacc.quant calibrate``).
+The checkpoint is a calibrated dynacc checkpoint (``python -m dynacc.quant calibrate``) or a
+trained Precision Gating / DFS one (``train-pg`` / ``train-dfs``), whose stored program is
+exported as is; a gated model name (``pg_resnet20``) means its backbone with the
+digits-trained checkpoint of ``make gen`` and the hardware config ``configs/hw/dual.yaml``.
+
 The folder format is described in ``dynacc.sw.fileformat``; read it with
 ``dynacc.sw.reader.load_deploy``.
 """
@@ -14,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dynacc.gen.gated_models import GATED_MODELS
 from dynacc.gen.layer_program import MappingError
 from dynacc.hw.config import HwConfig, load_named
 from dynacc.quant.checkpoint import CheckpointError
@@ -24,14 +30,16 @@ from dynacc.sw.export import ExportError, deploy_model
 __all__ = ["main"]
 
 DEFAULT_HW = "configs/hw/default.yaml"
+#: hardware config of the gated models (their dual-precision layers need the dual engine)
+GATED_HW = "configs/hw/dual.yaml"
 
 
 def _hw_config(arg: str) -> HwConfig:
     """A YAML path, or the name of a config of this checkout (``default``, ``small``)."""
     p = Path(arg)
     if p.exists() or p.suffix in (".yaml", ".yml"):
-        if not p.exists() and p == Path(DEFAULT_HW):
-            return load_named("default")   # run from outside the checkout
+        if not p.exists() and p in (Path(DEFAULT_HW), Path(GATED_HW)):
+            return load_named(p.stem)   # run from outside the checkout
         return HwConfig.from_yaml(p)
     return load_named(arg)
 
@@ -42,14 +50,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Export a calibrated BFP model (weights, exponents, layer program) as a "
                     "deploy folder that the RTL benches and a host load.")
     p.add_argument("--model", required=True, metavar="NAME",
-                   help=f"one of: {', '.join(list_models())}")
+                   help=f"one of: {', '.join(list_models() + list(GATED_MODELS))}")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="calibrated dynacc checkpoint (python -m dynacc.quant calibrate); "
                         "without it: seeded random weights, calibrated like `make gen`")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="deploy folder (default: build/deploy/<model>)")
-    p.add_argument("--hw", default=DEFAULT_HW, metavar="YAML",
-                   help="hardware config: a YAML file or a config name (default: %(default)s)")
+    p.add_argument("--hw", default=None, metavar="YAML",
+                   help=f"hardware config: a YAML file or a config name (default: {DEFAULT_HW}; "
+                        f"{GATED_HW} for {', '.join(GATED_MODELS)})")
     p.add_argument("--dataset", default=None,
                    help="input geometry (default: the checkpoint's dataset, else the model's)")
     p.add_argument("--method", default="kl", choices=["kl", "max"],
@@ -63,9 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.model not in list_models():
-            raise ExportError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
-        hw = _hw_config(args.hw)
+        known = list_models() + list(GATED_MODELS)
+        if args.model not in known:
+            raise ExportError(f"unknown model {args.model!r}; known: {', '.join(known)}")
+        hw = _hw_config(args.hw or (GATED_HW if args.model in GATED_MODELS else DEFAULT_HW))
         out = args.out or f"build/deploy/{args.model}"
         res = deploy_model(args.model, out, hw, checkpoint=args.checkpoint,
                            dataset=args.dataset, method=args.method,
@@ -77,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     layers = res.layer_program.engine_layers
     cycles = sum(l.cycles for l in layers)
+    dual = [l for l in layers if l.engine == "dual"]
+    floor = cycles - sum(l.cycles - (l.cycles_msb or 0) for l in dual)
+    gated = (f" ({len(dual)} dual-precision: {floor:,} cycles/image if no output passes a "
+             "gate)" if dual else "")
     print(f"{args.model} ({res.dataset}{', RANDOM weights' if res.random_weights else ''}) for "
-          f"hw {hw.name!r}: {len(layers)} engine layers, "
+          f"hw {hw.name!r}: {len(layers)} engine layers{gated}, "
           f"{len(res.layer_program.steps) - len(layers)} host steps, {cycles:,} cycles/image "
           f"-> {res.path}")
     return 0

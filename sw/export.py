@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from dynacc.gen.engine_layers import conv_layer
+from dynacc.gen.engine_layers import conv_layer, dual_layer
 from dynacc.gen.layer_program import EngineLayer, HostStep, LayerProgram, build_layer_program
 from dynacc.hw.config import HwConfig
 from dynacc.hw.program import ConvProgram
@@ -120,27 +120,41 @@ def _replace_dir(work: Path, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- export
+def _engine_program(program: BFPProgram, layer: EngineLayer, hw: HwConfig) -> Any:
+    """The engine's own program of ``layer`` (checks, images, descriptor): a
+    :class:`~dynacc.hw.program.ConvProgram`, or a :class:`~dynacc.hw.dual_program.DualProgram`
+    for a dual-precision layer (in the op's own mode)."""
+    try:
+        if layer.engine == "dual":
+            return dual_layer(program, layer).program(hw)
+        return conv_layer(program, layer).program(hw)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+
+
 def _engine_entry(program: BFPProgram, index: int, layer: EngineLayer,
                   hw: HwConfig, work: Path, blobs: dict[str, list[bytes]],
                   blob_words: dict[str, int], arrays: dict[str, np.ndarray],
                   files: list[str]) -> dict[str, Any]:
+    from dynacc.hw.dual_sequencer import dual_desc_layout
     from dynacc.hw.types import desc_layout
 
     op = program.op(layer.name)
     out_op = program.op(layer.output)
-    try:
-        cp: ConvProgram = conv_layer(program, layer).program(hw)
-    except ValueError as exc:
-        raise ExportError(str(exc)) from exc
-    imgs = cp.images()
+    prog = _engine_program(program, layer, hw)
+    dual = layer.engine == "dual"
+    cp: ConvProgram = prog.conv if dual else prog
+    imgs = prog.images()
     mems: dict[str, Any] = {}
-    for m in ff.WEIGHT_MEMORIES:
+    for m in ff.memories_of(layer.engine):
         rel = ff.mem_name(index, layer.name, m)
         path = work / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         lay = ff.layout_of(m, hw)
         write_mem(path, imgs[m], lay)
         data = ff.bits_to_bytes(pack_words(imgs[m], lay))
+        blobs.setdefault(m, [])
+        blob_words.setdefault(m, 0)
         offset = sum(len(b) for b in blobs[m])
         blobs[m].append(data)
         blob_words[m] += len(imgs[m])
@@ -162,6 +176,16 @@ def _engine_entry(program: BFPProgram, index: int, layer: EngineLayer,
         arrays[f"{n}/joint_lsb"] = _ints(out_op.joint_lsb, np.int16)
     if out_op.clamp_max is not None:
         arrays[f"{n}/clamp_max"] = _ints(out_op.clamp_max, np.int16)
+    if dual:
+        from dynacc.hw.dual_program import MODE_CODES
+
+        o = layer.out_channels
+        arrays[f"{n}/threshold"] = _ints(prog.threshold[:o], np.int64)
+        arrays[f"{n}/sign"] = _ints(1 - 2 * prog.neg[:o], np.int8)
+        # one-element arrays (the npz writer stores no 0-d arrays); mode: MODE_CODES
+        arrays[f"{n}/act_bits"] = _ints([op.dp_act_bits], np.int8)
+        arrays[f"{n}/msb_bits"] = _ints([op.dp_msb_bits], np.int8)
+        arrays[f"{n}/mode"] = _ints([MODE_CODES[prog.layer.mode]], np.int8)
     src = program.op(layer.name)
     d = layer.to_dict()
     entry: dict[str, Any] = {"index": index}
@@ -171,8 +195,9 @@ def _engine_entry(program: BFPProgram, index: int, layer: EngineLayer,
                        if layer.im2col else None)
     entry["act_words"] = layer.height * layer.width * cp.cw
     entry["out_words"] = int(cp.out_words)
-    entry["descriptor"] = {k: int(v) for k, v in cp.desc.items()}
-    entry["descriptor_bits"] = hex(int(desc_layout(hw).const(cp.desc).as_bits()))
+    entry["descriptor"] = {k: int(v) for k, v in prog.desc.items()}
+    dl = dual_desc_layout(hw) if dual else desc_layout(hw)
+    entry["descriptor_bits"] = hex(int(dl.const(prog.desc).as_bits()))
     entry["memories"] = mems
     return entry
 
@@ -242,7 +267,7 @@ def _write_folder(work: Path, program: BFPProgram, lp: LayerProgram, *, model: s
         hook("arrays")
     ff.write_npz(work / ff.ARRAYS, arrays)
     blob_info: dict[str, Any] = {}
-    for m in ff.WEIGHT_MEMORIES:
+    for m in blobs:   # the weight memories, then "gate" when there are dual layers
         data = b"".join(blobs[m])
         (work / ff.bin_name(m)).write_bytes(data)
         bits = int(ff.layout_of(m, hw).size)
@@ -273,7 +298,7 @@ def _write_folder(work: Path, program: BFPProgram, lp: LayerProgram, *, model: s
         hook("header")
     (work / ff.HEADER).write_text(render_header(man))
     files: dict[str, Any] = {}
-    for rel in [ff.ARRAYS, ff.HEADER] + [ff.bin_name(m) for m in ff.WEIGHT_MEMORIES] + mem_files:
+    for rel in [ff.ARRAYS, ff.HEADER] + [ff.bin_name(m) for m in blobs] + mem_files:
         p = work / rel
         files[rel] = {"size": p.stat().st_size, "sha256": ff.sha256_file(p)}
     man["files"] = files
@@ -317,28 +342,39 @@ def deploy_model(model: str, out_dir: str | os.PathLike, hw: HwConfig, *,
     """Deploy ``model`` for ``hw`` into ``out_dir``.
 
     With ``checkpoint``: a calibrated dynacc checkpoint (``python -m dynacc.quant
-    calibrate``); its program is exported as calibrated, its ``meta['dataset']`` gives the
-    input geometry. Without: seeded random weights, BN settled and calibrated (``method``,
-    ``calib_images`` random images) by the same steps as ``make gen`` (``gen.pipeline``).
+    calibrate``, or a ``train-pg`` / ``train-dfs`` one); its stored program is exported as is
+    (a dual-precision program's gates come from training), its ``meta['dataset']`` gives the
+    input geometry. A gated model name (``pg_resnet20``, ``gen.gated_models``) means its
+    backbone with the digits-trained checkpoint of ``make gen`` (trained on first use).
+    Without: seeded random weights, BN settled and calibrated (``method``, ``calib_images``
+    random images) by the same steps as ``make gen`` (``gen.pipeline``).
     """
+    from dynacc.gen.gated_models import (GATED_MODELS, backbone, model_checkpoint,
+                                         stored_dual_program)
     from dynacc.quant.checkpoint import CheckpointError, load_checkpoint
     from dynacc.quant.models import DEFAULT_DATASET, input_shape, list_models
 
-    if model not in list_models():
-        raise ExportError(f"unknown model {model!r}; known: {', '.join(list_models())}")
+    known = list_models() + list(GATED_MODELS)
+    if model not in known:
+        raise ExportError(f"unknown model {model!r}; known: {', '.join(known)}")
+    zoo = backbone(model)
+    checkpoint = model_checkpoint(model, checkpoint)
     if checkpoint is not None:
-        ck = load_checkpoint(checkpoint, expect_model=model)
+        ck = load_checkpoint(checkpoint, expect_model=zoo)
         if ck.program is None:
             raise CheckpointError(f"checkpoint {str(checkpoint)!r} holds no calibrated program "
                                   f"(float weights only): run `python -m dynacc.quant calibrate "
-                                  f"--model {model} --checkpoint {checkpoint}` first")
+                                  f"--model {zoo} --checkpoint {checkpoint}` first")
+        if stored_dual_program(ck) is not None:
+            log(f"{model}: the trained dual-precision program of {checkpoint} is exported as "
+                "stored (gates and PACT exponents from training, not recalibrated)")
         ds_meta = ck.meta.get("dataset")
         if dataset is not None and ds_meta is not None and dataset != ds_meta:
             raise ExportError(f"checkpoint {str(checkpoint)!r} was calibrated on {ds_meta!r}, "
                               f"not {dataset!r}")
-        ds = dataset or ds_meta or DEFAULT_DATASET[model]
+        ds = dataset or ds_meta or DEFAULT_DATASET[zoo]
         program = ck.program
-        shapes = program_shapes(program, input_shape(model, ds))
+        shapes = program_shapes(program, input_shape(zoo, ds))
         source = {"random_weights": False, "checkpoint_sha256": ff.sha256_file(checkpoint),
                   "checkpoint_meta": {k: v for k, v in ck.meta.items()
                                       if isinstance(v, (str, int, bool))

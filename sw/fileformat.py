@@ -8,6 +8,8 @@ A deploy folder (written by :mod:`dynacc.sw.export`, read by :mod:`dynacc.sw.rea
     wgt.bin align.bin bias.bin quant.bin
                               every engine layer's memory words, concatenated in layer order,
                               each word little-endian in ceil(bits / 8) bytes
+    gate.bin                  only with dual-precision layers: their gate words (thresholds
+                              and signs, ``hw/dual_engine.py gate_word_layout``), layer order
     mem/<NNN>_<layer>/<m>.mem the same words as ``$readmemh`` files (hw/types.py layouts),
                               loaded by the RTL unchanged
 
@@ -27,11 +29,13 @@ import numpy as np
 from amaranth.lib import data
 
 from dynacc.hw.config import HwConfig
+from dynacc.hw.dual_engine import gate_word_layout
 from dynacc.hw.types import (act_word_layout, align_word_layout, bias_word_layout,
                              quant_word_layout, weight_word_layout)
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MANIFEST", "HEADER", "ARRAYS", "WEIGHT_MEMORIES",
+    "DUAL_MEMORIES", "memories_of",
     "LAYOUTS", "layout_of", "word_bytes", "bin_name", "mem_name", "bits_to_bytes",
     "bytes_to_bits", "write_npz", "sha256_file", "seal_manifest", "split_manifest",
 ]
@@ -43,6 +47,8 @@ HEADER = "model.h"
 ARRAYS = "arrays.npz"
 #: the engine memories a deploy folder holds per layer (act / res are per-image inputs)
 WEIGHT_MEMORIES = ("wgt", "align", "bias", "quant")
+#: the extra per-layer memories of a dual-precision layer (``engine: dual``)
+DUAL_MEMORIES = ("gate",)
 CHECKSUM_KEY = "manifest_sha256"
 
 #: memory name -> word layout of hw/types.py (what ``$readmemh`` fills)
@@ -54,7 +60,17 @@ LAYOUTS: dict[str, Callable[[HwConfig], data.Layout]] = {
     "align": align_word_layout,
     "bias": bias_word_layout,
     "quant": quant_word_layout,
+    "gate": gate_word_layout,
 }
+
+
+def memories_of(engine: str) -> tuple[str, ...]:
+    """The deploy folder's memories of an engine layer of kind ``engine`` (conv | dual)."""
+    if engine == "conv":
+        return WEIGHT_MEMORIES
+    if engine == "dual":
+        return WEIGHT_MEMORIES + DUAL_MEMORIES
+    raise ValueError(f"unknown engine {engine!r} (conv | dual)")
 
 
 def layout_of(mem: str, hw: HwConfig) -> data.Layout:

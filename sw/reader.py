@@ -4,7 +4,9 @@ Every check refuses with a :class:`DeployError` whose message names the file and
 the format version, the manifest's own checksum, every listed file's presence, size and
 sha256, the hardware config the folder was made for (against the ``hw`` given), finite floats,
 exponents inside the format's E-bit range, mantissas inside ``±(2**(M-1) - 1)``, shifts inside
-their hardware ranges, and the consistency of descriptors and ``.mem`` / ``.bin`` words.
+their hardware ranges, and the consistency of descriptors and ``.mem`` / ``.bin`` words. A
+dual-precision layer (``engine: dual``) also has its ``act_bits`` / ``msb_bits`` / mode, its
+thresholds inside the comparator range, its ±1 signs and its gate words checked.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ class DeployLayer:
     descriptor_bits: int
     files: dict[str, Path]            # memory -> absolute path of its .mem file
     memories: dict[str, dict[str, Any]]  # memory -> {file, words, bin, offset, size}
+    engine: str = "conv"              # "conv" (ConvEngine) | "dual" (DualEngine, rules G0-G4)
+    act_bits: int | None = None       # dual: unsigned input bits b
+    msb_bits: int | None = None       # dual: MSB-phase bits (L = act_bits - msb_bits)
+    dp_mode: str | None = None        # dual: gated | msb | full, as exported
+    cycles_msb: int | None = None     # dual: cycles when no output passes (cycles: all pass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,18 +260,62 @@ def _layer(root: Path, e: dict[str, Any]) -> DeployLayer:
         ideal_cycles=e["ideal_cycles"], descriptor=dict(e["descriptor"]),
         descriptor_bits=int(e["descriptor_bits"], 16),
         files={m: root / v["file"] for m, v in e["memories"].items()},
-        memories={m: dict(v) for m, v in e["memories"].items()})
+        memories={m: dict(v) for m, v in e["memories"].items()},
+        engine=e.get("engine", "conv"), act_bits=e.get("act_bits"),
+        msb_bits=e.get("msb_bits"), dp_mode=e.get("dp_mode"), cycles_msb=e.get("cycles_msb"))
+
+
+def _check_dual_layer(where: str, s: DeployLayer, hw: HwConfig) -> None:
+    """The manifest fields of a dual-precision layer (rules G0-G4, descriptor agreement)."""
+    from dynacc.hw.dual_program import MODE_CODES
+
+    m = hw.mantissa_bits
+    b, mb = s.act_bits, s.msb_bits
+    if not isinstance(b, int) or not 2 <= b <= m - 1:
+        raise _fail(where, f"layer {s.name!r}: field 'act_bits' = {b!r} must be an integer in "
+                           f"[2, {m - 1}]")
+    if not isinstance(mb, int) or not 1 <= mb < b:
+        raise _fail(where, f"layer {s.name!r}: field 'msb_bits' = {mb!r} must be an integer in "
+                           f"[1, act_bits - 1 = {b - 1}]")
+    if s.dp_mode not in MODE_CODES:
+        raise _fail(where, f"layer {s.name!r}: field 'dp_mode' = {s.dp_mode!r} must be one of "
+                           f"{tuple(MODE_CODES)}")
+    if s.residual is not None:
+        raise _fail(where, f"layer {s.name!r}: field 'residual' = {s.residual!r}: the "
+                           "dual-precision engine has no fused residual add")
+    if s.descriptor.get("mode") != MODE_CODES[s.dp_mode]:
+        raise _fail(where, f"layer {s.name!r}: descriptor field 'mode' = "
+                           f"{s.descriptor.get('mode')!r} != code {MODE_CODES[s.dp_mode]} of "
+                           f"dp_mode {s.dp_mode!r}")
+    if s.descriptor.get("lsb_bits") != b - mb:
+        raise _fail(where, f"layer {s.name!r}: descriptor field 'lsb_bits' = "
+                           f"{s.descriptor.get('lsb_bits')!r} != act_bits - msb_bits = {b - mb}")
+    if not isinstance(s.cycles_msb, int) or not 0 < s.cycles_msb <= s.cycles:
+        raise _fail(where, f"layer {s.name!r}: field 'cycles_msb' = {s.cycles_msb!r} must be in "
+                           f"[1, cycles = {s.cycles}]")
 
 
 def _check_layers(where: str, man: dict[str, Any], steps: list, hw: HwConfig,
                   fmt: BFPFormat) -> None:
+    from dynacc.hw.dual_sequencer import dual_desc_layout
     from dynacc.hw.types import desc_layout
 
     lo_e, hi_e = fmt.min_exponent, fmt.max_exponent
-    dl = desc_layout(hw)
+    layouts = {"conv": desc_layout(hw), "dual": dual_desc_layout(hw)}
     for s in steps:
         if not isinstance(s, DeployLayer):
             continue
+        if s.engine not in layouts:
+            raise _fail(where, f"layer {s.name!r}: field 'engine' = {s.engine!r} must be one of "
+                               f"{tuple(layouts)}")
+        want = ff.memories_of(s.engine)
+        if set(s.memories) != set(want):
+            raise _fail(where, f"layer {s.name!r}: field 'memories' lists "
+                               f"{sorted(s.memories)}, an engine: {s.engine} layer has "
+                               f"{sorted(want)}")
+        if s.engine == "dual":
+            _check_dual_layer(where, s, hw)
+        dl = layouts[s.engine]
         for f in ("in_lsb", "out_lsb", "joint_lsb", "residual_lsb"):
             v = getattr(s, f)
             if v is not None and not lo_e <= v + fmt.lsb_offset <= hi_e:
@@ -334,6 +385,8 @@ def _check_arrays(where: str, arrays: dict[str, np.ndarray], man: dict[str, Any]
                     raise _fail(where, f"{key!r} has shape {arrays[key].shape}, expected ({o},)")
             if f"{n}/clamp_max" in arrays:
                 _range(where, f"{n}/clamp_max", need(f"{n}/clamp_max"), 0, m, "mantissa")
+            if s.engine == "dual":
+                _check_dual_arrays(where, s, o, need, hw)
         elif s.kind == "add":
             need(f"{s.name}/joint_lsb")
     for t, d in man["tensors"].items():
@@ -347,11 +400,48 @@ def _check_arrays(where: str, arrays: dict[str, np.ndarray], man: dict[str, Any]
             raise _fail(where, f"{t + '/lsb'!r} disagrees with manifest tensors.{t}.lsb")
 
 
-def _load_images(root: Path, layers: list[DeployLayer], hw: HwConfig, fmt: BFPFormat
-                 ) -> dict[str, dict[str, np.ndarray]]:
+def _check_dual_arrays(where: str, s: DeployLayer, o: int, need: Any, hw: HwConfig) -> None:
+    """``threshold`` / ``sign`` / ``act_bits`` / ``msb_bits`` / ``mode`` of dual layer ``s``."""
+    from dynacc.hw.dual_program import MODE_CODES
+
+    n = s.name
+    acc = 1 << (hw.acc_bits - 1)
+    thr = need(f"{n}/threshold")
+    sgn = need(f"{n}/sign")
+    for key, a in ((f"{n}/threshold", thr), (f"{n}/sign", sgn)):
+        if a.shape != (o,):
+            raise _fail(where, f"{key!r} has shape {a.shape}, expected ({o},)")
+    _range(where, f"{n}/threshold", thr, -acc, acc - 1, "threshold")  # acc_bits comparator
+    if not np.isin(sgn, (-1, 1)).all():
+        raise _fail(where, f"{n + '/sign'!r} holds {sorted(set(sgn.tolist()) - {-1, 1})}: a "
+                           "gate sign is +1 or -1")
+    for field, want in (("act_bits", s.act_bits), ("msb_bits", s.msb_bits),
+                        ("mode", MODE_CODES[s.dp_mode])):
+        a = need(f"{n}/{field}")
+        if a.shape != (1,) or int(a[0]) != want:
+            raise _fail(where, f"{n + '/' + field!r} = {a.tolist()} disagrees with the "
+                               f"manifest ({field} {want}"
+                               + (f", dp_mode {s.dp_mode!r})" if field == "mode" else ")"))
+
+
+def _check_gate_words(root: Path, path: Path, img: np.ndarray, l: DeployLayer,
+                      arrays: dict[str, np.ndarray]) -> None:
+    """The gate words hold the layer's thresholds and signs (gated mode; other modes ignore
+    the gate memory and export zero thresholds)."""
+    pairs = np.asarray(img).reshape(-1, 2)[: l.out_channels]
+    thr = arrays[f"{l.name}/threshold"].astype(np.int64)
+    neg = arrays[f"{l.name}/sign"].astype(np.int64) < 0
+    if not (np.array_equal(pairs[:, 0], thr) and np.array_equal(pairs[:, 1].astype(bool), neg)):
+        raise _fail(str(path), f"gate words of layer {l.name!r} disagree with "
+                               f"{l.name}/threshold, {l.name}/sign of {root / ff.ARRAYS}")
+
+
+def _load_images(root: Path, layers: list[DeployLayer], hw: HwConfig, fmt: BFPFormat,
+                 arrays: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     from dynacc.sim.memfile import pack_words, read_mem
 
-    blobs = {m: (root / ff.bin_name(m)).read_bytes() for m in ff.WEIGHT_MEMORIES}
+    blobs = {m: (root / ff.bin_name(m)).read_bytes()
+             for m in {m for l in layers for m in l.memories}}
     out: dict[str, dict[str, np.ndarray]] = {}
     for l in layers:
         imgs = {}
@@ -369,6 +459,8 @@ def _load_images(root: Path, layers: list[DeployLayer], hw: HwConfig, fmt: BFPFo
                        "mantissa")
             elif mem == "align":
                 _range(str(path), "alignment word", img, 0, hw.align_span, "alignment shift")
+            elif mem == "gate":
+                _check_gate_words(root, path, img, l, arrays)
             blob = blobs[mem][info["offset"]:info["offset"] + info["size"]]
             if ff.bits_to_bytes(pack_words(img, lay)) != blob:
                 raise _fail(str(root / info["bin"]), f"bytes [{info['offset']}, "
@@ -427,5 +519,5 @@ def load_deploy(path: str | os.PathLike, hw: HwConfig | str | os.PathLike | None
         raise _fail(str(apath), f"cannot be read: {exc}") from None
     _check_arrays(str(apath), arrays, man, steps, made, fmt)
     layers = [s for s in steps if isinstance(s, DeployLayer)]
-    imgs = _load_images(root, layers, made, fmt) if images else None
+    imgs = _load_images(root, layers, made, fmt, arrays) if images else None
     return Deploy(root, man, made, quant, steps, dict(man["tensors"]), arrays, imgs)

@@ -8,12 +8,21 @@ loaded by ``$readmemh`` straight from the deploy folder's ``.mem`` files (once p
 its activations (and fused-residual operand) written from the previous RTL outputs (per
 image). Outputs are read back from the dumped ``out`` memory and feed the next steps.
 
+A deploy folder with dual-precision layers (``engine: dual``) runs on the two-engine top
+(:mod:`dynacc.sim.net_top`): before each layer the bench sets ``sel`` to the layer's engine,
+a dual layer also loads its ``gate`` memory, runs in its exported mode or in the mode the
+manifest's ``modes`` gives for that image (DFS: the host gate's decision; the descriptor is
+repacked with that mode), and dumps its gate outcomes (``passed.mem``) with its outputs.
+
 Results: ``<out>/acts.npz`` (every tensor of the run, ``[N, ...]`` int16),
+``<out>/passed.npz`` (dual layers: gate outcomes ``[N, O, Ho, Wo]`` uint8),
 ``<out>/result.json`` (per layer: RTL ``cycles`` per image and RTL wall seconds), and one line
 per engine run appended to ``<progress>``.
 
 Manifest: ``{"deploy": dir, "images": npy, "integer_input": bool, "out": dir,
-"progress": file, "load_bits": {mem: bit}, "clock": "gpi" | "py", "verify": bool}``.
+"progress": file, "load_bits": {mem: bit} | {engine: {mem: bit}}, "engines": bool (two-engine
+top), "modes": null | [{layer: mode}, ...] (one per image), "clock": "gpi" | "py",
+"verify": bool}``.
 """
 
 from __future__ import annotations
@@ -28,8 +37,12 @@ import cocotb
 import numpy as np
 import torch
 
+from dynacc.hw.dual_engine import passed_word_layout
+from dynacc.hw.dual_program import MODE_CODES
+from dynacc.hw.dual_sequencer import dual_desc_layout
 from dynacc.hw.types import act_word_layout
-from dynacc.sim.benches.conv_bench import TB
+from dynacc.sim.benches.dual_bench import DualTB
+from dynacc.sim.net_top import ENGINE_SEL
 from dynacc.sim.memfile import read_mem, write_mem
 from dynacc.sw import fileformat as ff
 from dynacc.sw.reader import load_deploy
@@ -44,15 +57,22 @@ async def network(dut: Any) -> None:
     hw = dep.hw
     lanes = hw.lanes
     lay = act_word_layout(hw)
+    lay_passed = passed_word_layout(hw)
     load_bits = man["load_bits"]
     images = torch.from_numpy(np.load(man["images"]))
     out = Path(man["out"])
     io = out / "io"
     io.mkdir(parents=True, exist_ok=True)
-    tb = TB(dut, man.get("clock", "gpi"))
+    tb = DualTB(dut, man.get("clock", "gpi"))
+    two = bool(man.get("engines", False))
+    if two:
+        dut.sel.value = 0
     await tb.reset()
+    modes = man.get("modes")
+    dlay = dual_desc_layout(hw)
     cycles: dict[str, list[int]] = {l.name: [] for l in dep.layers}
     wall: dict[str, float] = {l.name: 0.0 for l in dep.layers}
+    passed: dict[str, list[np.ndarray]] = {l.name: [] for l in dep.layers if l.engine == "dual"}
     gen = chain(dep, images, integer_input=man.get("integer_input", False))
     runs = 0
     with open(man["progress"], "a", buffering=1) as progress:
@@ -60,19 +80,33 @@ async def network(dut: Any) -> None:
             job = next(gen)
             while True:
                 layer = job.layer
+                dual = layer.engine == "dual"
+                bits = load_bits[layer.engine] if two else load_bits
+                if two:
+                    dut.sel.value = ENGINE_SEL[layer.engine]
                 files = {}
-                if job.first_of_layer:   # weights, exponents, shifts: the deploy's own files
-                    files.update({m: str(layer.files[m]) for m in ff.WEIGHT_MEMORIES})
+                if job.first_of_layer:   # weights, shifts (and gates): the deploy's own files
+                    files.update({m: str(p) for m, p in layer.files.items()})
                 write_mem(io / "act.mem", act_image(job.x, lanes), lay)
                 files["act"] = str(io / "act.mem")
                 if job.residual is not None:
                     write_mem(io / "res.mem", act_image(job.residual, lanes), lay)
                     files["res"] = str(io / "res.mem")
-                await tb.load(files, load_bits)
+                await tb.load(files, bits)
+                desc = layer.descriptor_bits
+                mode = (modes[job.image] or {}).get(layer.name) if modes else None
+                if dual and mode is not None and MODE_CODES[mode] != layer.descriptor["mode"]:
+                    desc = int(dlay.const({**layer.descriptor, "mode": MODE_CODES[mode]}
+                                          ).as_bits())
                 t0 = time.perf_counter()
-                c = await tb.run(layer.descriptor_bits)
+                c = await tb.run(desc)
                 wall[layer.name] += time.perf_counter() - t0
-                await tb.dump(layer.out_words, io / "out.mem")
+                if dual:
+                    await tb.dump_all(layer.out_words, io, ["out", "passed"])
+                    p = unpack_output(read_mem(io / "passed.mem", lay_passed), layer, lanes)
+                    passed[layer.name].append(p.astype(np.uint8))
+                else:
+                    await tb.dump(layer.out_words, io / "out.mem")
                 y = unpack_output(read_mem(io / "out.mem", lay), layer, lanes)
                 cycles[layer.name].append(c)
                 runs += 1
@@ -81,5 +115,6 @@ async def network(dut: Any) -> None:
         except StopIteration as stop:
             acts = stop.value
     np.savez(out / "acts.npz", **{k: v.numpy().astype(np.int16) for k, v in acts.items()})
+    np.savez(out / "passed.npz", **{k: np.stack(v) for k, v in passed.items() if v})
     (out / "result.json").write_text(json.dumps({"cycles": cycles, "rtl_wall_s": wall,
                                                  "runs": runs}))
