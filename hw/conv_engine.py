@@ -3,7 +3,7 @@ fused residual add and activation, fed from preloaded memories."""
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal, signed
+from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.memory import ReadPort, WritePort
 from amaranth.lib.wiring import In, Out
@@ -173,20 +173,18 @@ class ConvEngine(wiring.Component):
             self.res.addr.eq(tk[st["rq"] - rd].out_addr),
         ]
 
-        # input registers of the read words (data-path only: no reset); a padded activation
-        # word and a disabled residual are zeroed here (a synchronous clear of the register)
+        # input registers of the read words (data-path only: no reset, no logic between the
+        # block RAM and the register); a padded activation word and a disabled residual are
+        # zeroed after the register
         def rd_reg(name):
             r = Signal.like(getattr(self, name).data, name=f"{name}_r", reset_less=True)
             m.d.sync += r.eq(getattr(self, name).data)
             return r
 
-        x = rd_reg("act")
-        with m.If(tk[st["mac"] - 1].pad):
-            m.d.sync += x.eq(0)
-        wgt_r, align_r, bias_r, quant_r = (rd_reg(n) for n in ("wgt", "align", "bias", "quant"))
-        res_r = rd_reg("res")
-        with m.If(~self.desc.residual):
-            m.d.sync += res_r.eq(0)
+        act_r, wgt_r, align_r, bias_r, quant_r, res_r = (
+            rd_reg(n) for n in ("act", "wgt", "align", "bias", "quant", "res"))
+        x = Signal.like(act_r, name="x")
+        m.d.comb += x.eq(Mux(tk[st["mac"]].pad, 0, act_r))
 
         # residual requantizer shifts arrive at stage rq; the output shift is used at stage sum
         out_shift = [Signal(shift_shape(cfg), name=f"out_shift{o}") for o in range(k)]
@@ -216,7 +214,7 @@ class ConvEngine(wiring.Component):
                 acc.en.eq(tk[st["acc"]].valid),
                 rq_acc.i.eq(acc.o),
                 rq_acc.shift.eq(quant_r[o].acc),
-                rq_res.i.eq(res_r[o]),
+                rq_res.i.eq(Mux(self.desc.residual, res_r[o], 0)),
                 rq_res.shift.eq(quant_r[o].res),
                 out_shift[o].eq(quant_r[o].out),
                 rq_out.i.eq(rq_acc.o + rq_res.o),
