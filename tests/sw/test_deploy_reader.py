@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -98,7 +99,12 @@ def test_file_dropped_from_the_listing(folder):
 
 def test_edited_manifest_fails_its_checksum(folder):
     p = folder / ff.MANIFEST
-    p.write_text(p.read_text().replace("cycles: 2317", "cycles: 2318", 1))
+    text = p.read_text()
+    m = re.search(r"cycles: (\d+)", text)
+    assert m, "the manifest lists each layer's cycles"
+    edited = text.replace(m.group(0), f"cycles: {int(m.group(1)) + 1}", 1)
+    assert edited != text
+    p.write_text(edited)
     with pytest.raises(DeployError, match=r"manifest\.yaml: checksum mismatch"):
         load_deploy(folder)
     p.write_text("\n".join(p.read_text().splitlines()[:-1]) + "\n")
