@@ -11,8 +11,9 @@ Schedule (algorithms.md §1.5, shortened for digits on a CPU):
    (in [0, 1]), so ``beta`` does not depend on batch size or depth - the original sums the
    cost over images and blocks (``beta = 1e-5`` for 128 images x 17 blocks).
 
-Optimisers: SGD (momentum 0.9, cosine schedule, gradient norm clipped at 5) for the backbone,
-Adam for the gate.
+Optimisers: SGD (momentum 0.9, gradient norm clipped at 5) for the backbone, Adam for the
+gate, both on a cosine schedule (the gate settles on its final policy while the backbone
+adapts to it).
 All candidates of a gated block are computed in training and mixed with the straight-through
 one-hot (as the original), so the gradient reaches every option's probability.
 """
@@ -36,7 +37,7 @@ __all__ = ["DFS_DEFAULTS", "train_gate_full", "train_dfs", "dfs_stats", "decisio
            "make_dfs_model", "run_dfs_sweep"]
 
 #: stage-2 defaults (digits, CPU-sized runs): backbone SGD lr, gate Adam lr, cost weight
-DFS_DEFAULTS = {"lr": 0.005, "gate_lr": 0.02, "beta": 0.5}
+DFS_DEFAULTS = {"lr": 0.005, "gate_lr": 0.02, "beta": 4.0}
 
 
 def _loader(loader: DataLoader, seed: int) -> DataLoader:
@@ -111,6 +112,7 @@ def train_dfs(model: DFSResNet, train: DataLoader, target_cp: float, epochs: int
     gopt = torch.optim.Adam(gate_params, lr=gate_lr)
     steps = max(1, epochs * len(train))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gsched = torch.optim.lr_scheduler.CosineAnnealingLR(gopt, steps)
     history: list[dict[str, float]] = []
     bar = tqdm(range(epochs), desc=f"DFS stage 2 (CP -> {target_cp:g} %)", unit="epoch",
                disable=not progress)
@@ -130,6 +132,7 @@ def train_dfs(model: DFSResNet, train: DataLoader, target_cp: float, epochs: int
             opt.step()
             gopt.step()
             sched.step()
+            gsched.step()
             b = len(y)
             tot["loss"] += float(loss.detach()) * b
             tot["ce"] += float(ce.detach()) * b
