@@ -20,7 +20,7 @@ from dynacc.quant.program import BFPProgram
 
 from .layer_program import LayerProgram
 
-__all__ = ["gate_statistics", "gates_markdown"]
+__all__ = ["gate_statistics", "gates_markdown", "dfs_statistics", "dfs_markdown"]
 
 
 def gate_statistics(program: BFPProgram, lp: LayerProgram, images: torch.Tensor,
@@ -81,4 +81,73 @@ def gates_markdown(g: dict[str, Any]) -> str:
                      f"{x['cycles_gated_mean']:,.0f} | {x['cycles_msb']:,} | "
                      f"{x['theoretical_speedup']:.2f}× | {x['cycle_speedup']:.2f}× | "
                      f"{x['cycle_speedup'] / x['theoretical_speedup']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def dfs_statistics(program: BFPProgram, gate: Any, lp: LayerProgram, images: torch.Tensor,
+                   labels: torch.Tensor | None, hw: HwConfig) -> dict[str, Any]:
+    """DFS decisions of the host gate on ``images`` (integer golden run) and the exact
+    dual-precision engine cycles of the gated blocks they select, per image, against running
+    every gated block at full precision. A skipped block costs nothing on the engine, except a
+    transition block's 1x1 shortcut conv, which runs at full precision."""
+    from dynacc.quant.dfs_program import run_dfs_golden
+
+    logits, dec = run_dfs_golden(program, gate, images)
+    layers = {l.name: l for l in lp.engine_layers}
+    opts = gate.options
+    b = opts.act_bits
+
+    def cycles(name: str, mode: str) -> int:
+        l = layers[name]
+        return dual_conv_cycles(hw, in_channels=l.in_channels, out_channels=l.out_channels,
+                                out_height=l.out_height, out_width=l.out_width,
+                                kernel_h=l.kernel, kernel_w=l.kernel, mode=mode)
+
+    blocks, per_image, dense = [], [0] * images.shape[0], 0
+    for blk in (b_ for b_ in gate.layout if b_.gated):
+        col = dec[:, blk.index - 1]
+        full = sum(cycles(c, "full") for c in blk.convs)
+        dense += full
+        share = {}
+        for j, choice in enumerate(opts.choices):
+            share[str(choice)] = round(float((col == j).double().mean()), 4)
+            if choice == "skip":
+                cost = cycles(blk.shortcut, "full") if blk.shortcut else 0
+            elif choice == b:
+                cost = full
+            else:
+                cost = sum(cycles(c, "msb") for c in blk.convs)
+            for i in (col == j).nonzero().flatten().tolist():
+                per_image[i] += cost
+        blocks.append({"block": blk.prefix, "share": share, "cycles_full": full})
+    mean = sum(per_image) / len(per_image)
+    costs = torch.as_tensor(opts.costs, dtype=torch.float64)
+    out = {"images": int(images.shape[0]), "options": [str(c) for c in opts.choices],
+           "blocks": blocks,
+           "cp": round(100.0 * float(costs[dec].mean()), 2),
+           "totals": {"cycles_dense": dense, "cycles_mean": round(mean, 1),
+                      "cycles_min": min(per_image), "cycles_max": max(per_image),
+                      "cycle_speedup": round(dense / mean, 4) if mean else None}}
+    if labels is not None:
+        out["golden_acc"] = round(100.0 * float((logits.argmax(1) == labels).double().mean()), 2)
+    return out
+
+
+def dfs_markdown(d: dict[str, Any]) -> str:
+    """The "DFS decisions" section of report.md."""
+    t = d["totals"]
+    acc = f", golden accuracy {d['golden_acc']:.2f} %" if "golden_acc" in d else ""
+    lines = ["## DFS decisions", "",
+             f"Host-gate decisions of the integer golden model on {d['images']} digits test "
+             f"images (options {', '.join(d['options'])}; computation {d['cp']:.1f} %{acc}) "
+             "and the exact dual-precision engine cycles of the gated blocks they select.", "",
+             f"**Gated blocks: {t['cycles_mean']:,.0f} cycles/image on average "
+             f"(min {t['cycles_min']:,}, max {t['cycles_max']:,}) vs {t['cycles_dense']:,} "
+             f"at full precision ({t['cycle_speedup']:.2f}×).**", "",
+             "| block | " + " | ".join(d["options"]) + " | cycles at full precision |",
+             "|---|" + "---:|" * (len(d["options"]) + 1)]
+    for blk in d["blocks"]:
+        lines.append(f"| {blk['block']} | " + " | ".join(f"{100 * blk['share'][o]:.0f} %"
+                                                      for o in d["options"])
+                     + f" | {blk['cycles_full']:,} |")
     return "\n".join(lines) + "\n"

@@ -190,11 +190,17 @@ def step_report(st: GenState) -> GenState:
                                              for l in st.layer_program.engine_layers):
         from dynacc.quant.flow import load_data
 
-        from .gate_report import gate_statistics, gates_markdown
+        from .gate_report import dfs_markdown, dfs_statistics, gate_statistics, gates_markdown
         splits = load_data(_backbone(st.opts.model), "digits", seed=st.opts.seed)
         images = torch.cat([x for x, _ in splits.test])[:GATE_REPORT_IMAGES]
+        labels = torch.cat([y for _, y in splits.test])[:GATE_REPORT_IMAGES]
         rep["gates"] = gate_statistics(st.program, st.layer_program, images, st.opts.hw)
         md += "\n" + gates_markdown(rep["gates"])
+        gate = _dfs_gate(st.program_source)
+        if gate is not None:
+            rep["dfs"] = dfs_statistics(st.program, gate, st.layer_program, images, labels,
+                                        st.opts.hw)
+            md += "\n" + dfs_markdown(rep["dfs"])
     _write_json(st.work / "report.json", rep)
     _write_text(st.work / "report.md", md)
     _write_text(st.work / "hw.yaml", yaml.safe_dump(st.opts.hw.to_dict(), sort_keys=True))
@@ -204,6 +210,15 @@ def step_report(st: GenState) -> GenState:
     from .plots import update_report_md
     update_report_md(st.work, rep, fpga)
     return st
+
+
+def _dfs_gate(checkpoint: str):  # noqa: ANN202 - HostGate | None
+    """The host gate of a DFS checkpoint (None for other checkpoints)."""
+    from dynacc.quant.checkpoint import load_checkpoint
+    if "dfs" not in (load_checkpoint(checkpoint).meta or {}):
+        return None
+    from dynacc.quant.dfs_program import load_dfs_checkpoint
+    return load_dfs_checkpoint(checkpoint)[2]
 
 
 def _failure_report(st: GenState, step: str, exc: BaseException) -> None:

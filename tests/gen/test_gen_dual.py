@@ -98,3 +98,61 @@ def test_wrong_mantissa_width_is_a_mapping_error(gated):
     prog, shapes = gated
     with pytest.raises(MappingError, match="M=9"):
         build_layer_program("resnet20", prog, shapes, load_named("small"))
+
+
+def test_dfs_statistics_follow_the_forced_decisions():
+    """Exact engine cycles of a DFS network for known decisions: all-full equals the dense
+    total, all-skip leaves only the transition blocks' shortcut convs, all-msb the MSB pass."""
+    from dynacc.gen.gate_report import dfs_markdown, dfs_statistics
+    from dynacc.quant.dfs_program import build_dfs_program
+    from dynacc.quant.flow import cached_digits_model, calibration_batches
+    from dynacc.quant.train_dfs import make_dfs_model
+
+    backbone, splits = cached_digits_model("resnet20")
+    calib = calibration_batches(splits.train, 32)
+    program, gate = build_dfs_program(make_dfs_model(backbone, "skip,4,8", calib), calib)
+    images = calib[0][:3]
+    env = program.run_golden(images[:1])
+    shapes = {n: tuple(t.shape[1:]) for n, t in env.items()}
+    lp = build_layer_program("dfs", program, shapes, HW)
+    layers = {l.name: l for l in lp.engine_layers}
+    blocks = [b for b in gate.layout if b.gated]
+
+    def total(mode):
+        return sum(dual_conv_cycles(HW, in_channels=layers[c].in_channels,
+                                    out_channels=layers[c].out_channels,
+                                    out_height=layers[c].out_height,
+                                    out_width=layers[c].out_width, kernel_h=layers[c].kernel,
+                                    kernel_w=layers[c].kernel, mode=mode)
+                   for b in blocks for c in b.convs)
+
+    class Forced:
+        """The trained gate's layout and options, with every decision forced to ``j``."""
+        def __init__(self, j):
+            self.layout, self.options, self.n_gated, self.j = gate.layout, gate.options, gate.n_gated, j
+
+    import dynacc.quant.dfs_program as dp
+    real = dp.run_dfs_golden
+
+    def forced_run(program, g, x, decisions=None):
+        return real(program, gate, x, torch.full((x.shape[0], gate.n_gated), g.j))
+
+    dp.run_dfs_golden = forced_run
+    try:
+        full = dfs_statistics(program, Forced(2), lp, images, None, HW)
+        msb = dfs_statistics(program, Forced(1), lp, images, None, HW)
+        skip = dfs_statistics(program, Forced(0), lp, images, None, HW)
+    finally:
+        dp.run_dfs_golden = real
+    assert full["totals"]["cycles_mean"] == full["totals"]["cycles_dense"] == total("full")
+    assert msb["totals"]["cycles_mean"] == total("msb")
+    shortcut_only = sum(dual_conv_cycles(HW, in_channels=layers[b.shortcut].in_channels,
+                                         out_channels=layers[b.shortcut].out_channels,
+                                         out_height=layers[b.shortcut].out_height,
+                                         out_width=layers[b.shortcut].out_width,
+                                         kernel_h=1, kernel_w=1, mode="full")
+                        for b in blocks if b.shortcut)
+    assert skip["totals"]["cycles_mean"] == shortcut_only
+    assert (full["cp"], msb["cp"], skip["cp"]) == (100.0, 50.0, 0.0)
+    assert all(b["share"]["4"] == 1.0 for b in msb["blocks"])
+    assert "## DFS decisions" in dfs_markdown(msb)
