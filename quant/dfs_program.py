@@ -41,6 +41,7 @@ from .graph import trace
 from .program import BFPProgram, QuantOp, build_program
 
 __all__ = ["BlockLayout", "block_layout", "HostGate", "build_dfs_program", "run_dfs_golden",
+           "DFSGoldenRun", "run_dfs_golden_env", "dfs_variant", "skip_output",
            "dfs_golden_stats", "save_dfs_checkpoint", "load_dfs_checkpoint"]
 
 
@@ -198,8 +199,9 @@ def build_dfs_program(model: DFSResNet, calib_batches: Iterable[torch.Tensor],
     return program, gate
 
 
-def _variant(o: QuantOp, choice, act_bits: int) -> QuantOp:
-    """Op ``o`` as run for DFS option ``choice`` (a precision)."""
+def dfs_variant(o: QuantOp, choice, act_bits: int) -> QuantOp:
+    """Op ``o`` as run for DFS option ``choice`` (a precision): a dual-precision conv in mode
+    ``"full"`` at ``act_bits``, else in mode ``"msb"`` with ``dp_msb_bits = choice``."""
     if o.kind != "conv":
         return o
     if not o.dual_precision:
@@ -216,37 +218,59 @@ def _chan(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def skip_output(fmt: BFPFormat, s: torch.Tensor, s_lsb: torch.Tensor, out_lsb: torch.Tensor,
+                activation: str | None, clamp_max: torch.Tensor | None) -> torch.Tensor:
+    """A skipped block's output from its shortcut mantissas ``s [N, C, H, W]`` (LSBs
+    ``s_lsb``): requantized onto the block output's ``out_lsb`` (rule R3) and clamped by the
+    block output's activation (the residual add's). Shared by the golden model and the
+    deploy host."""
+    m = requantize(s, _chan(out_lsb - s_lsb, s.dim()), fmt)
+    cmax = None if clamp_max is None else _chan(clamp_max, s.dim())
+    return golden.apply_activation(m, activation, cmax)
+
+
 def _run_block(program: BFPProgram, blk: BlockLayout, x: torch.Tensor, choice, act_bits: int
-               ) -> torch.Tensor:
-    """Integer block ``blk`` on input mantissas ``x`` with DFS option ``choice``."""
-    fmt = program.fmt
+               ) -> dict[str, torch.Tensor]:
+    """Integer block ``blk`` on input mantissas ``x`` with DFS option ``choice``: every
+    tensor it computes (a skipped block: its shortcut conv's, if any, and its output)."""
     add = program.op(blk.output)
     if choice == SKIP:
+        env: dict[str, torch.Tensor] = {}
         if blk.shortcut is None:
             s, s_lsb = x, program.lsb[blk.input]
         else:
-            ds = _variant(program.op(blk.shortcut), act_bits, act_bits)
+            ds = dfs_variant(program.op(blk.shortcut), act_bits, act_bits)
             s, s_lsb = program.golden_op(ds, [x]), program.lsb[blk.shortcut]
-        m = requantize(s, _chan(add.out_lsb - s_lsb, s.dim()), fmt)
-        cmax = None if add.clamp_max is None else _chan(add.clamp_max, s.dim())
-        return golden.apply_activation(m, add.activation, cmax)
+            env[blk.shortcut] = s
+        env[blk.output] = skip_output(program.fmt, s, s_lsb, add.out_lsb, add.activation,
+                                      add.clamp_max)
+        return env
     env = {blk.input: x}
     for name in blk.ops:
-        o = _variant(program.op(name), choice, act_bits)
+        o = dfs_variant(program.op(name), choice, act_bits)
         env[name] = program.golden_op(o, [env[i] for i in o.inputs])
-    return env[blk.output]
+    del env[blk.input]
+    return env
+
+
+@dataclasses.dataclass
+class DFSGoldenRun:
+    """One golden DFS run: ``logits [N, classes]``, ``decisions [N, n_gated]`` (what ran),
+    ``gate_decisions`` (the gate's own picks, also where ``decisions`` were forced), every
+    tensor ``env[name] [N, ...]`` int64 (zeros for images that did not compute it) and
+    ``ran[name] [N]`` bool (the images that did: a skipped block computes no conv1 / conv2)."""
+
+    logits: torch.Tensor
+    decisions: torch.Tensor
+    gate_decisions: torch.Tensor
+    env: dict[str, torch.Tensor]
+    ran: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def run_dfs_golden(program: BFPProgram, gate: HostGate, x: torch.Tensor,
-                   decisions: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer golden execution of a DFS program on float images ``x [N, C, H, W]``.
-
-    The host gate picks each image's option for every gated block from the dequantized output
-    of the block before; ``decisions`` (option indices ``[N, n_gated]``) overrides it.
-    Returns ``(logits [N, classes] float, decisions int64 [N, n_gated])``.
-    """
+def run_dfs_golden_env(program: BFPProgram, gate: HostGate, x: torch.Tensor,
+                       decisions: torch.Tensor | None = None) -> DFSGoldenRun:
+    """:func:`run_dfs_golden` keeping every tensor (see :class:`DFSGoldenRun`)."""
     layout = {b.index: b for b in gate.layout}
     first = {b.ops[0]: b for b in gate.layout}
     member = {n for b in gate.layout for n in b.ops}
@@ -263,38 +287,63 @@ def run_dfs_golden(program: BFPProgram, gate: HostGate, x: torch.Tensor,
         dec = decisions.clone()
     else:
         dec = torch.zeros(n, gate.n_gated, dtype=torch.int64)
+    picks = torch.full((n, gate.n_gated), -1, dtype=torch.int64)
     env: dict[str, torch.Tensor] = {}
+    ran: dict[str, torch.Tensor] = {}
+
+    def put(name: str, idx: torch.Tensor, part: torch.Tensor) -> None:
+        if name not in env:
+            env[name] = torch.zeros((n,) + tuple(part.shape[1:]), dtype=torch.int64)
+            ran[name] = torch.zeros(n, dtype=torch.bool)
+        env[name][idx] = part
+        ran[name][idx] = True
+
     state = None
     for o in program.ops:
         if o.kind == "input":
             env[o.name] = program.quantize_input(x)
+            ran[o.name] = torch.ones(n, dtype=torch.bool)
             continue
         if o.name in first:
             blk = first[o.name]
             xin = env[blk.input]
             if not blk.gated:
-                y = _run_block(program, blk, xin, b_bits, b_bits)
+                for k, v in _run_block(program, blk, xin, b_bits, b_bits).items():
+                    put(k, torch.arange(n), v)
             else:
                 col = dec[:, blk.index - 1]
-                y = None
                 for j in torch.unique(col).tolist():
                     idx = (col == j).nonzero().flatten()
                     part = _run_block(program, blk, xin[idx], opts.choices[j], b_bits)
-                    if y is None:
-                        y = torch.zeros((n,) + tuple(part.shape[1:]), dtype=torch.int64)
-                    y[idx] = part
-            env[blk.output] = y
+                    for k, v in part.items():
+                        put(k, idx, v)
+            y = env[blk.output]
             if blk.index + 1 in layout:
                 yf = program.dequantize_output(blk.output, y)
                 choice, _, state = gate.decide(blk.index, yf, state)
+                picks[:, blk.index] = choice
                 if decisions is None:
                     dec[:, blk.index] = choice
             continue
         if o.name in member:
             continue
         env[o.name] = program.golden_op(o, [env[i] for i in o.inputs])
+        ran[o.name] = torch.ones(n, dtype=torch.bool)
     logits = program.dequantize_output(program.output, env[program.output])
-    return logits, dec
+    return DFSGoldenRun(logits, dec, picks, env, ran)
+
+
+def run_dfs_golden(program: BFPProgram, gate: HostGate, x: torch.Tensor,
+                   decisions: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer golden execution of a DFS program on float images ``x [N, C, H, W]``.
+
+    The host gate picks each image's option for every gated block from the dequantized output
+    of the block before; ``decisions`` (option indices ``[N, n_gated]``) overrides it.
+    Returns ``(logits [N, classes] float, decisions int64 [N, n_gated])``.
+    """
+    run = run_dfs_golden_env(program, gate, x, decisions)
+    return run.logits, run.decisions
 
 
 def dfs_golden_stats(program: BFPProgram, gate: HostGate, loader: DataLoader,

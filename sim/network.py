@@ -62,10 +62,14 @@ class NetworkResult:
     passed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     #: per image, dual layer -> mode it ran in where it differs from the exported one
     modes: list[dict[str, str]] | None = None
+    #: DFS runs: ``decisions`` (what ran) / ``gate_decisions`` (the host gate's picks on the
+    #: RTL block outputs) ``[N, n_gated]`` and ``probs`` ``[N, n_gated, n_options]``;
+    #: a layer a skipped block did not run has cycles -1 and no gate outcomes for that image
+    dfs: dict[str, np.ndarray] | None = None
 
     @property
     def cycles_per_image(self) -> np.ndarray:
-        return np.sum([c for c in self.cycles.values()], axis=0)
+        return np.sum([np.where(c >= 0, c, 0) for c in self.cycles.values()], axis=0)
 
 
 @dataclasses.dataclass
@@ -215,7 +219,8 @@ def _modes(dep: Deploy, modes: Any, n: int) -> list[dict[str, str]] | None:
 def run_network(deploy: Deploy | str | Path, images: torch.Tensor | np.ndarray, *,
                 integer_input: bool = False, clock: str = "gpi", keep: bool | None = None,
                 progress: bool = False, verify: bool = True,
-                modes: dict[str, str] | list[dict[str, str]] | None = None) -> NetworkResult:
+                modes: dict[str, str] | list[dict[str, str]] | None = None,
+                dfs: bool = False, decisions: Any = None) -> NetworkResult:
     """Run ``images`` (float ``[N, C, H, W]``, or input mantissas with ``integer_input``)
     through the deploy folder on the RTL, in one simulator process.
 
@@ -225,6 +230,11 @@ def run_network(deploy: Deploy | str | Path, images: torch.Tensor | np.ndarray, 
     ``gated`` / ``msb`` / ``full`` for that image; their gate outcomes come back in
     ``NetworkResult.passed``.
 
+    ``dfs`` (a DFS deploy, manifest section ``dfs``): the host gate of the folder decides
+    every gated block per image from the RTL's own block outputs
+    (:class:`~dynacc.sw.dfs_host.DfsHost`), ``decisions`` (``[N, n_gated]`` option indices,
+    -1: the gate decides) overrides it; the decisions come back in ``NetworkResult.dfs``.
+
     Raises :class:`~dynacc.sw.reader.DeployError` for a bad folder, ``ValueError`` for bad
     ``modes`` and :class:`~dynacc.sim.runner.SimulationError` if the simulation fails.
     """
@@ -232,6 +242,13 @@ def run_network(deploy: Deploy | str | Path, images: torch.Tensor | np.ndarray, 
                                                                  verify=verify)
     x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     per_image = _modes(dep, modes, len(x))
+    if (dfs or decisions is not None) and dep.dfs is None:
+        raise ValueError(f"{dep.path}: not a DFS deploy (no manifest section 'dfs')")
+    if decisions is not None:
+        from dynacc.sw.dfs_host import DfsHost
+        DfsHost(dep, len(x), decisions)    # shape / range checked before simulating
+        decisions = np.asarray(decisions, dtype=np.int64).tolist()
+    dfs_cfg = {"decisions": decisions} if (dfs or decisions is not None) else None
     cfg = dep.hw
     two = any(l.engine == "dual" for l in dep.layers)
     sim, load_bits = build_network_sim(cfg, two)
@@ -246,7 +263,7 @@ def run_network(deploy: Deploy | str | Path, images: torch.Tensor | np.ndarray, 
         "deploy": str(Path(dep.path).resolve()), "images": str(run_dir / "images.npy"),
         "integer_input": integer_input, "out": str(out), "progress": str(prog_file),
         "load_bits": load_bits, "engines": two, "modes": per_image, "clock": clock,
-        "verify": verify}))
+        "verify": verify, "dfs": dfs_cfg}))
     err: list[BaseException] = []
 
     def target() -> None:
@@ -280,9 +297,22 @@ def run_network(deploy: Deploy | str | Path, images: torch.Tensor | np.ndarray, 
         acts = {k: z[k].astype(np.int64) for k in z.files}
     with np.load(out / "passed.npz") as z:
         passed = {k: z[k].astype(bool) for k in z.files}
-    result = NetworkResult(dep, len(x), acts,
-                           {k: np.asarray(v, dtype=np.int64) for k, v in res["cycles"].items()},
-                           dict(res["rtl_wall_s"]), wall, passed, per_image)
+    cycles = {}
+    for k, v in res["cycles"].items():   # per image; -1 where a skipped block did not run
+        idx = res.get("images", {}).get(k, list(range(len(v))))
+        c = np.full(len(x), -1, dtype=np.int64)
+        c[idx] = v
+        cycles[k] = c
+        if k in passed and len(idx) != len(x):
+            p = np.zeros((len(x),) + passed[k].shape[1:], dtype=bool)
+            p[idx] = passed[k]
+            passed[k] = p
+    dfs_out = None
+    if dfs_cfg is not None:
+        with np.load(out / "dfs.npz") as z:
+            dfs_out = {k: z[k] for k in z.files}
+    result = NetworkResult(dep, len(x), acts, cycles, dict(res["rtl_wall_s"]), wall, passed,
+                           per_image, dfs_out)
     if keep or runner.waves_enabled():
         _log.warning("kept the run directory %s", run_dir)
     else:

@@ -222,7 +222,7 @@ def _host_entry(program: BFPProgram, step: HostStep, arrays: dict[str, np.ndarra
 
 def _write_folder(work: Path, program: BFPProgram, lp: LayerProgram, *, model: str,
                   dataset: str | None, input_shape: tuple[int, ...], source: dict[str, Any],
-                  hook: Callable[[str], None] | None) -> None:
+                  hook: Callable[[str], None] | None, dfs: dict[str, Any] | None = None) -> None:
     hw = lp.hw
     fmt = program.fmt
     blobs: dict[str, list[bytes]] = {m: [] for m in ff.WEIGHT_MEMORIES}
@@ -263,6 +263,14 @@ def _write_folder(work: Path, program: BFPProgram, lp: LayerProgram, *, model: s
                          "scale": scale, "produced_by": produced.get(name)}
         if lsb is not None:
             arrays[f"{name}/lsb"] = _ints(lsb, np.int16)
+    dfs_sec = None
+    if dfs is not None:
+        from .dfs_deploy import dfs_section
+        try:
+            dfs_sec, gate_arrays = dfs_section(program, dfs)
+        except ValueError as exc:
+            raise ExportError(f"{model}: DFS host gate: {exc}") from exc
+        arrays.update(gate_arrays)
     if hook:
         hook("arrays")
     ff.write_npz(work / ff.ARRAYS, arrays)
@@ -294,6 +302,8 @@ def _write_folder(work: Path, program: BFPProgram, lp: LayerProgram, *, model: s
         "steps": steps,
         "tensors": tensors,
     }
+    if dfs_sec is not None:
+        man["dfs"] = dfs_sec
     if hook:
         hook("header")
     (work / ff.HEADER).write_text(render_header(man))
@@ -311,12 +321,15 @@ def _write_folder(work: Path, program: BFPProgram, lp: LayerProgram, *, model: s
 def export_program(out_dir: str | os.PathLike, program: BFPProgram,
                    shapes: dict[str, tuple[int, ...]], hw: HwConfig, *, model: str,
                    dataset: str | None = None, source: dict[str, Any] | None = None,
+                   dfs: dict[str, Any] | None = None,
                    _hook: Callable[[str], None] | None = None) -> LayerProgram:
     """Write the deploy folder of ``program`` for ``hw`` at ``out_dir`` (atomically).
 
     ``shapes`` gives every tensor's per-image shape (e.g. :func:`program_shapes`);
     ``source`` is recorded in the manifest (e.g. the checkpoint's sha256, or
-    ``random_weights: true`` with the seed). Returns the layer program. Raises
+    ``random_weights: true`` with the seed); ``dfs`` (a DFS checkpoint's ``meta['dfs']``)
+    adds the host gate and block layout (:mod:`dynacc.sw.dfs_deploy`). Returns the layer
+    program. Raises
     :class:`ExportError` or ``gen.layer_program.MappingError`` naming the layer that does not
     fit.
     """
@@ -326,7 +339,8 @@ def export_program(out_dir: str | os.PathLike, program: BFPProgram,
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         _write_folder(work, program, lp, model=model, dataset=dataset,
-                      input_shape=tuple(shapes["input"]), source=dict(source or {}), hook=_hook)
+                      input_shape=tuple(shapes["input"]), source=dict(source or {}), hook=_hook,
+                      dfs=dfs)
         work.chmod(0o755)  # mkdtemp makes it private
         _replace_dir(work, out)
     except BaseException:
@@ -343,8 +357,8 @@ def deploy_model(model: str, out_dir: str | os.PathLike, hw: HwConfig, *,
 
     With ``checkpoint``: a calibrated dynacc checkpoint (``python -m dynacc.quant
     calibrate``, or a ``train-pg`` / ``train-dfs`` one); its stored program is exported as is
-    (a dual-precision program's gates come from training), its ``meta['dataset']`` gives the
-    input geometry. A gated model name (``pg_resnet20``, ``gen.gated_models``) means its
+    (a dual-precision program's gates come from training; a DFS checkpoint also gives its host
+    gate and block layout), its ``meta['dataset']`` gives the input geometry. A gated model name (``pg_resnet20``, ``gen.gated_models``) means its
     backbone with the digits-trained checkpoint of ``make gen`` (trained on first use).
     Without: seeded random weights, BN settled and calibrated (``method``, ``calib_images``
     random images) by the same steps as ``make gen`` (``gen.pipeline``).
@@ -380,7 +394,12 @@ def deploy_model(model: str, out_dir: str | os.PathLike, hw: HwConfig, *,
                                       if isinstance(v, (str, int, bool))
                                       or (isinstance(v, float) and math.isfinite(v))}}
         random = False
+        dfs = ck.meta.get("dfs")
+        if dfs is not None:
+            log(f"{model}: DFS checkpoint: the host gate ({len(dfs['options'])} options "
+                f"{', '.join(map(str, dfs['options']))}) and the block layout are exported too")
     else:
+        dfs = None
         from dynacc.gen.pipeline import GenOptions, GenState, step_calibrate, step_model
 
         ds = dataset or DEFAULT_DATASET[model]
@@ -397,5 +416,6 @@ def deploy_model(model: str, out_dir: str | os.PathLike, hw: HwConfig, *,
         source = {"random_weights": True, "seed": seed, "method": method,
                   "calib_images": calib_images}
         random = True
-    lp = export_program(out_dir, program, shapes, hw, model=model, dataset=ds, source=source)
+    lp = export_program(out_dir, program, shapes, hw, model=model, dataset=ds, source=source,
+                        dfs=dfs)
     return DeployResult(Path(out_dir), program, lp, random, ds)

@@ -6,7 +6,9 @@ sha256, the hardware config the folder was made for (against the ``hw`` given), 
 exponents inside the format's E-bit range, mantissas inside ``±(2**(M-1) - 1)``, shifts inside
 their hardware ranges, and the consistency of descriptors and ``.mem`` / ``.bin`` words. A
 dual-precision layer (``engine: dual``) also has its ``act_bits`` / ``msb_bits`` / mode, its
-thresholds inside the comparator range, its ±1 signs and its gate words checked.
+thresholds inside the comparator range, its ±1 signs and its gate words checked. A DFS
+deploy (manifest section ``dfs``) has its options, block layout and host gate arrays checked
+(:mod:`dynacc.sw.dfs_deploy`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ class Deploy:
         c = w.shape[1]
         g = c if self.quant.weights.group == -1 else self.quant.weights.group
         return np.repeat(blk, g, axis=1)[:, :c] - self.fmt.lsb_offset
+
+    @property
+    def dfs(self) -> dict[str, Any] | None:
+        """Manifest section ``dfs`` (options, block layout, host gate) of a DFS deploy."""
+        return self.manifest.get("dfs")
 
     def host_program(self):  # noqa: ANN201 - BFPProgram
         """The host steps as a (weight-less) BFPProgram, for ``gen.engine_layers.run_host_step``."""
@@ -518,6 +525,14 @@ def load_deploy(path: str | os.PathLike, hw: HwConfig | str | os.PathLike | None
     except Exception as exc:  # noqa: BLE001 - zip / npy errors
         raise _fail(str(apath), f"cannot be read: {exc}") from None
     _check_arrays(str(apath), arrays, man, steps, made, fmt)
+    if "dfs" in man:
+        from .dfs_deploy import check_dfs
+        kinds = {s.output: s.kind for s in steps if isinstance(s, DeployHostStep)}
+        try:
+            check_dfs(where, man, arrays, {l.name: l for l in steps
+                                           if isinstance(l, DeployLayer)}, kinds, _fail)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise _fail(where, f"invalid field 'dfs': {exc!r}") from None
     layers = [s for s in steps if isinstance(s, DeployLayer)]
     imgs = _load_images(root, layers, made, fmt, arrays) if images else None
     return Deploy(root, man, made, quant, steps, dict(man["tensors"]), arrays, imgs)

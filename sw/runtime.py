@@ -27,7 +27,7 @@ from dynacc.quant.program import BFPProgram, QuantOp
 from .reader import Deploy, DeployHostStep, DeployLayer
 
 __all__ = ["EngineJob", "act_image", "unpack_output", "engine_input", "host_program", "chain",
-           "run_chain"]
+           "run_chain", "job_descriptor"]
 
 
 def act_image(x: np.ndarray, lanes: int) -> np.ndarray:
@@ -92,16 +92,46 @@ class EngineJob:
     first_of_layer: bool      # load the layer's weight memories before this job
     x: np.ndarray             # [C', H, W] engine input mantissas
     residual: np.ndarray | None  # [O, Ho, Wo] residual mantissas (fused add)
+    mode: str | None = None   # dual layer: run in this mode (DFS), None: as exported
+    msb_bits: int | None = None  # dual layer: MSB-phase bits (DFS precision), None: as exported
 
 
-def chain(dep: Deploy, images: torch.Tensor, *, integer_input: bool = False
-          ) -> Generator[EngineJob, np.ndarray, dict[str, torch.Tensor]]:
+def job_descriptor(layer: DeployLayer, mode: str | None, msb_bits: int | None
+                   ) -> dict[str, int]:
+    """Descriptor fields of dual layer ``layer`` run in ``mode`` with ``msb_bits`` MSB-phase
+    bits (None: as exported): the ``mode`` code and ``lsb_bits = act_bits - msb_bits``."""
+    from dynacc.hw.dual_program import MODE_CODES
+
+    desc = dict(layer.descriptor)
+    if mode is None and msb_bits is None:
+        return desc
+    if layer.engine != "dual":
+        raise ValueError(f"layer {layer.name!r} is not a dual-precision layer; it cannot run "
+                         f"in mode {mode!r} / msb_bits {msb_bits!r}")
+    if mode is not None:
+        if mode not in MODE_CODES:
+            raise ValueError(f"layer {layer.name!r}: mode {mode!r} must be one of "
+                             f"{tuple(MODE_CODES)}")
+        desc["mode"] = MODE_CODES[mode]
+    if msb_bits is not None:
+        if not 1 <= msb_bits < layer.act_bits:
+            raise ValueError(f"layer {layer.name!r}: msb_bits {msb_bits} must be in "
+                             f"[1, act_bits - 1 = {layer.act_bits - 1}]")
+        desc["lsb_bits"] = layer.act_bits - msb_bits
+    return desc
+
+
+def chain(dep: Deploy, images: torch.Tensor, *, integer_input: bool = False,
+          dfs: Any = None) -> Generator[EngineJob, np.ndarray, dict[str, torch.Tensor]]:
     """Generator: yields :class:`EngineJob` s, expects each job's engine output
     ``[O, Ho, Wo]`` via ``send``, returns every tensor of the run (``[N, ...]`` int64,
     keyed by tensor name) as its ``StopIteration`` value.
 
     ``images``: float images ``[N, C, H, W]`` (quantized by the host step), or input
-    mantissas with ``integer_input``.
+    mantissas with ``integer_input``. ``dfs``: a :class:`~dynacc.sw.dfs_host.DfsHost` that
+    sees every complete tensor (its gate decides the next block), sets the mode / precision
+    of gated layers' jobs, drops a skipped block's conv jobs (their tensors stay zero for
+    that image) and replaces its residual add by the skip rule.
     """
     hp = host_program(dep)
     n = images.shape[0]
@@ -113,16 +143,26 @@ def chain(dep: Deploy, images: torch.Tensor, *, integer_input: bool = False
                                      else hp.quantize_input(images))
                 continue
             hs = HostStep(step.name, step.kind, list(step.inputs), step.output)
-            outs = [run_host_step(hp, hs, {t: acts[t][i] for t in step.inputs})
+            outs = [dfs.skip_output(step.output, i, acts)
+                    if dfs is not None and dfs.skipped(step.output, i)
+                    else run_host_step(hp, hs, {t: acts[t][i] for t in step.inputs})
                     for i in range(n)]
             acts[step.output] = torch.stack(outs)
+            if dfs is not None:
+                dfs.observe(step.output, acts[step.output])
             continue
         shape = tuple(dep.tensors[step.output]["shape"])
         out = torch.zeros((n, *shape), dtype=torch.int64)
+        first = True
         for i in range(n):
+            how = dfs.job(step.name, i) if dfs is not None else None
+            if how == "skip":
+                continue
+            mode, msb = how if how is not None else (None, None)
             x = engine_input(step, acts[step.input][i]).numpy()
             res = acts[step.residual][i].numpy() if step.residual else None
-            y = yield EngineJob(step, i, i == 0, x, res)
+            y = yield EngineJob(step, i, first, x, res, mode, msb)
+            first = False
             y = np.asarray(y)
             if y.shape != (step.out_channels, step.out_height, step.out_width):
                 raise ValueError(f"layer {step.name!r}, image {i}: engine output shape "
@@ -130,13 +170,15 @@ def chain(dep: Deploy, images: torch.Tensor, *, integer_input: bool = False
                                  f"{(step.out_channels, step.out_height, step.out_width)}")
             out[i] = torch.from_numpy(y.astype(np.int64)).reshape(shape)
         acts[step.output] = out
+        if dfs is not None:
+            dfs.observe(step.output, out)
     return acts
 
 
-def run_chain(dep: Deploy, images: torch.Tensor, engine: Any, *, integer_input: bool = False
-              ) -> dict[str, torch.Tensor]:
+def run_chain(dep: Deploy, images: torch.Tensor, engine: Any, *, integer_input: bool = False,
+              dfs: Any = None) -> dict[str, torch.Tensor]:
     """Drive :func:`chain` with a synchronous ``engine(job) -> [O, Ho, Wo]``."""
-    gen = chain(dep, images, integer_input=integer_input)
+    gen = chain(dep, images, integer_input=integer_input, dfs=dfs)
     try:
         job = next(gen)
         while True:

@@ -14,6 +14,13 @@ a dual layer also loads its ``gate`` memory, runs in its exported mode or in the
 manifest's ``modes`` gives for that image (DFS: the host gate's decision; the descriptor is
 repacked with that mode), and dumps its gate outcomes (``passed.mem``) with its outputs.
 
+A DFS deploy run with ``"dfs"`` in the manifest walks the chain with a
+:class:`~dynacc.sw.dfs_host.DfsHost`: the host gate decides each gated block from the RTL's
+own block outputs (or the forced ``decisions``), gated layers run in mode ``msb`` with the
+chosen ``msb_bits`` (descriptor ``lsb_bits`` repacked) or ``full``, skipped blocks' convs do
+not run and their output is the host's skip rule. Also written: ``<out>/dfs.npz``
+(``decisions``, ``gate_decisions``, ``probs``).
+
 Results: ``<out>/acts.npz`` (every tensor of the run, ``[N, ...]`` int16),
 ``<out>/passed.npz`` (dual layers: gate outcomes ``[N, O, Ho, Wo]`` uint8),
 ``<out>/result.json`` (per layer: RTL ``cycles`` per image and RTL wall seconds), and one line
@@ -22,7 +29,7 @@ per engine run appended to ``<progress>``.
 Manifest: ``{"deploy": dir, "images": npy, "integer_input": bool, "out": dir,
 "progress": file, "load_bits": {mem: bit} | {engine: {mem: bit}}, "engines": bool (two-engine
 top), "modes": null | [{layer: mode}, ...] (one per image), "clock": "gpi" | "py",
-"verify": bool}``.
+"verify": bool, "dfs": null | {"decisions": null | [[option index or -1, ...], ...]}}``.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from dynacc.sim.net_top import ENGINE_SEL
 from dynacc.sim.memfile import read_mem, write_mem
 from dynacc.sw import fileformat as ff
 from dynacc.sw.reader import load_deploy
-from dynacc.sw.runtime import act_image, chain, unpack_output
+from dynacc.sw.runtime import act_image, chain, job_descriptor, unpack_output
 
 
 @cocotb.test()
@@ -71,9 +78,14 @@ async def network(dut: Any) -> None:
     modes = man.get("modes")
     dlay = dual_desc_layout(hw)
     cycles: dict[str, list[int]] = {l.name: [] for l in dep.layers}
+    images_of: dict[str, list[int]] = {l.name: [] for l in dep.layers}   # image of each run
     wall: dict[str, float] = {l.name: 0.0 for l in dep.layers}
     passed: dict[str, list[np.ndarray]] = {l.name: [] for l in dep.layers if l.engine == "dual"}
-    gen = chain(dep, images, integer_input=man.get("integer_input", False))
+    dfs = None
+    if man.get("dfs") is not None:
+        from dynacc.sw.dfs_host import DfsHost
+        dfs = DfsHost(dep, len(images), man["dfs"].get("decisions"))
+    gen = chain(dep, images, integer_input=man.get("integer_input", False), dfs=dfs)
     runs = 0
     with open(man["progress"], "a", buffering=1) as progress:
         try:
@@ -95,8 +107,13 @@ async def network(dut: Any) -> None:
                 await tb.load(files, bits)
                 desc = layer.descriptor_bits
                 mode = (modes[job.image] or {}).get(layer.name) if modes else None
+                if dual and job.mode is not None:
+                    mode = job.mode
                 if dual and mode is not None and MODE_CODES[mode] != layer.descriptor["mode"]:
                     desc = int(dlay.const({**layer.descriptor, "mode": MODE_CODES[mode]}
+                                          ).as_bits())
+                if dual and (job.mode is not None or job.msb_bits is not None):
+                    desc = int(dlay.const(job_descriptor(layer, job.mode, job.msb_bits)
                                           ).as_bits())
                 t0 = time.perf_counter()
                 c = await tb.run(desc)
@@ -109,6 +126,7 @@ async def network(dut: Any) -> None:
                     await tb.dump(layer.out_words, io / "out.mem")
                 y = unpack_output(read_mem(io / "out.mem", lay), layer, lanes)
                 cycles[layer.name].append(c)
+                images_of[layer.name].append(job.image)
                 runs += 1
                 progress.write(f"{runs} {layer.name} {job.image}\n")
                 job = gen.send(y)
@@ -116,5 +134,8 @@ async def network(dut: Any) -> None:
             acts = stop.value
     np.savez(out / "acts.npz", **{k: v.numpy().astype(np.int16) for k, v in acts.items()})
     np.savez(out / "passed.npz", **{k: np.stack(v) for k, v in passed.items() if v})
+    if dfs is not None:
+        np.savez(out / "dfs.npz", decisions=dfs.decisions.numpy(),
+                 gate_decisions=dfs.gate_decisions.numpy(), probs=dfs.probs.numpy())
     (out / "result.json").write_text(json.dumps({"cycles": cycles, "rtl_wall_s": wall,
-                                                 "runs": runs}))
+                                                 "runs": runs, "images": images_of}))

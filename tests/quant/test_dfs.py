@@ -191,7 +191,7 @@ def test_golden_msb_block_consumes_truncated_inputs(digits, dfs_program):
     blk = gate.layout[4]
     x = program.run_golden(next(iter(splits.test))[0][:8])[blk.input]
     assert int(x.min()) >= 0 and int(x.max()) <= 255
-    msb = _run_block(program, blk, x, 4, 8)
+    msb = _run_block(program, blk, x, 4, 8)[blk.output]
     # by hand: conv1 and conv2 on their inputs' top 4 bits (G1), residual add on the full input
     env = {blk.input: x}
     for name in blk.ops:
