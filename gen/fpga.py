@@ -70,6 +70,10 @@ SHALLOW_DEPTH = 512
 #: MULT18X18D kept free outside the MAC trees (the address generator's setup products are
 #: shift-adds, so none is needed by the engine itself)
 DSP_RESERVE = 0
+#: synth_ecp5 option for the harness memories: their load ports write only while the engine is
+#: idle (memories are preloaded), so no read/write collision logic between the block RAM and
+#: the engine's read register is needed
+NO_RW_CHECK = " -no-rw-check"
 #: yosys command (run after ``proc``) that marks the MAC trees' operand registers ``keep``
 KEEP_OPERAND_COPIES = "setattr -set keep 1 w:x_op %ci1 t:$dff %i"
 #: what surrounds the engine in the synthesized design (see the module docstring)
@@ -563,7 +567,8 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
         t0 = time.perf_counter()
         vpath = emit_design(cfg, tmp, mode, depths, top=top)
         emit_s = time.perf_counter() - t0
-        key = _cache_key(vpath.read_text(), opts, f"lut_lanes={lut_lanes}")
+        synth_args = NO_RW_CHECK if mode in ("full", "shallow") else ""
+        key = _cache_key(vpath.read_text(), opts, f"lut_lanes={lut_lanes}{synth_args}")
         cache = Path(opts.cache_dir) / key if opts.cache_dir else None
         if cache is not None and (cache / "result.json").exists():
             res = json.loads((cache / "result.json").read_text())
@@ -573,7 +578,9 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
         work = Path(work_dir) if work_dir else (cache or tmp / "work")
         log.info("fpga: %d×%d lanes (%d on DSPs), memories %s, target %g MHz: yosys + nextpnr "
                  "in %s", cfg.lanes, cfg.lanes, n_dsp, mode, opts.freq_mhz, work)
-        r = implement(vpath, top, script, device, opts, work)
+        # the harness's load ports only write while the engine is idle (memories are
+        # preloaded): no read/write collision logic around the block RAMs
+        r = implement(vpath, top, script, device, opts, work, synth_args)
         summary = _summarise(cfg, device, r["pnr"], r["yosys_cells"])
         pnr = r["pnr"] or {}
         res = {

@@ -33,9 +33,11 @@ MEMORIES = {
 }
 
 
-#: cycles from a memory address to its word in the engine's input register: the memory's read
-#: latency (1) plus one register, so no block-RAM output drives logic directly
-READ_DELAY = 2
+#: cycles from a memory address to its word at the engine's units: the memory's read latency
+#: (1) plus two registers; the first has the block RAM as its only driver and the second as
+#: its only load, so it sits next to the block RAM (whose clock-to-output alone is most of a
+#: 150 MHz cycle on the ECP5), and no block-RAM output drives logic or a long wire
+READ_DELAY = 3
 
 
 def _depth(cfg: HwConfig, field: str) -> int:
@@ -174,12 +176,15 @@ class ConvEngine(wiring.Component):
         ]
 
         # input registers of the read words (data-path only: no reset, no logic between the
-        # block RAM and the register); a padded activation word and a disabled residual are
-        # zeroed after the register
+        # block RAM and the registers); a padded activation word and a disabled residual are
+        # zeroed after them
         def rd_reg(name):
-            r = Signal.like(getattr(self, name).data, name=f"{name}_r", reset_less=True)
-            m.d.sync += r.eq(getattr(self, name).data)
-            return r
+            prev = getattr(self, name).data
+            for n in range(READ_DELAY - 1):
+                r = Signal.like(prev, name=f"{name}_r{n}", reset_less=True)
+                m.d.sync += r.eq(prev)
+                prev = r
+            return prev
 
         act_r, wgt_r, align_r, bias_r, quant_r, res_r = (
             rd_reg(n) for n in ("act", "wgt", "align", "bias", "quant", "res"))
