@@ -45,10 +45,13 @@ def pg_section(epochs: int, seed: int) -> list[dict]:
     return rows
 
 
-def _interp(points: list[tuple[float, float]], x: float) -> float | None:
+def _interp(points: list[tuple[float, float]], x: float, reach: float = 1.0) -> float | None:
+    """Linear interpolation of ``points`` at ``x``; up to ``reach`` CP points beyond either end
+    the end value is used, further out there is no comparison (None)."""
     pts = sorted(points)
-    if not pts or x < pts[0][0] or x > pts[-1][0]:
+    if not pts or x < pts[0][0] - reach or x > pts[-1][0] + reach:
         return None
+    x = min(max(x, pts[0][0]), pts[-1][0])
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -145,58 +148,17 @@ def rtl_speedup_section(images: int) -> dict:
 
 
 def plots(res: dict, out_dir: Path) -> list[str]:
-    """accuracy-vs-compute (PG: avg bits, DFS/skip-only: CP) and theoretical-vs-measured
-    speed-up per PG layer."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """accuracy-vs-compute and theoretical-vs-measured speed-up per PG layer (gen/plots.py)."""
+    from dynacc.gen.plots import plot_accuracy_vs_compute, plot_speedups
 
     paths = []
     if res.get("pg") or res.get("dfs"):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        if res.get("pg"):
-            ax = axes[0]
-            for r in res["pg"]:
-                ax.scatter(r["avg_bits"], r["acc"], color="tab:blue")
-                ax.annotate(f"{r['act_bits']}/{r['msb_bits']} bits", (r["avg_bits"], r["acc"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=8)
-            ax.axhline(res["pg"][0]["fp_acc"], color="gray", ls=":", label="float")
-            ax.set_xlabel("average activation bits of PG layers")
-            ax.set_ylabel("top-1 accuracy (%), integer model")
-            ax.set_title("Precision Gating (digits ResNet-20)")
-            ax.legend(fontsize=8)
-        if res.get("dfs"):
-            ax = axes[1]
-            for key, color in (("dfs", "tab:green"), ("skip_only", "tab:red")):
-                pts = sorted((r["measured_cp"], r["acc"]) for r in res["dfs"][key])
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color,
-                        label="DFS skip/4/8" if key == "dfs" else "skip-only skip/8")
-            ax.set_xlabel("computation percentage (%)")
-            ax.set_ylabel("top-1 accuracy (%)")
-            ax.set_title("DFS vs skip-only (digits ResNet-20)")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "pg_dfs_accuracy_vs_compute.png"
-        fig.savefig(p, dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        paths.append(str(p))
+        paths.append(str(plot_accuracy_vs_compute(res, out_dir / "pg_dfs_accuracy_vs_compute.png")))
     if res.get("rtl_speedup"):
-        rows = res["rtl_speedup"]["layers"]
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4))
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["theoretical"] for r in rows], 0.4, label="theoretical")
-        ax.bar([x + 0.2 for x in xs], [r["measured"] for r in rows], 0.4, label="measured (RTL)")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([r["layer"].replace("layer", "L") for r in rows], rotation=90, fontsize=7)
-        ax.set_ylabel("speed-up over dense (×)")
-        ax.set_title(f"PG layers on the dual-precision RTL: measured / theoretical = "
-                     f"{res['rtl_speedup']['ratio']:.3f}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out_dir / "pg_rtl_speedup.png"
-        fig.savefig(p, dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        paths.append(str(p))
+        r = res["rtl_speedup"]
+        paths.append(str(plot_speedups(
+            r["layers"], out_dir / "pg_rtl_speedup.png",
+            f"PG layers on the dual-precision RTL: measured / theoretical = {r['ratio']:.3f}")))
     return paths
 
 

@@ -209,7 +209,40 @@ def step_report(st: GenState) -> GenState:
         shutil.copyfile(Path(st.opts.out_dir) / "fpga.json", st.work / "fpga.json")
     from .plots import update_report_md
     update_report_md(st.work, rep, fpga)
+    if rep.get("gates", {}).get("layers"):
+        _gated_plots(st.work, rep)
     return st
+
+
+#: where ``make bench`` leaves the PG / DFS accuracy-vs-compute sweep
+PG_DFS_BENCH = Path("build/bench/pg_dfs.json")
+
+
+def _gated_plots(work: Path, rep: dict[str, Any]) -> None:
+    """gate_speedups.png (theoretical vs cycle-model speed-up of each PG layer on the report's
+    test images) and, when ``make bench`` has run, accuracy_vs_compute.png from its sweep;
+    appended to report.md as the "Gated plots" section."""
+    from .plots import append_sections, plot_accuracy_vs_compute, plot_speedups
+
+    rows = [{"layer": x["name"], "theoretical": x["theoretical_speedup"],
+             "measured": x["cycle_speedup"]} for x in rep["gates"]["layers"]]
+    plot_speedups(rows, work / "gate_speedups.png",
+                  f"PG layers, {rep['gates']['images']} test images: exact engine cycles vs theory",
+                  measured_label="engine cycles (= RTL)")
+    text = ["## Gated plots", "", "![gate_speedups](gate_speedups.png)", "",
+            "Per PG layer: the speed-up over the dense mode that the gate outcomes allow "
+            "(2 / (1 + passed fraction)) and the one the engine's exact cycles give.", ""]
+    try:
+        bench = json.loads(PG_DFS_BENCH.read_text())
+    except (OSError, ValueError):
+        bench = None
+    if bench and (bench.get("pg") or bench.get("dfs")):
+        plot_accuracy_vs_compute(bench, work / "accuracy_vs_compute.png")
+        text += ["![accuracy_vs_compute](accuracy_vs_compute.png)", "",
+                 f"Accuracy vs compute of the digits ResNet-20 from `make bench` "
+                 f"({PG_DFS_BENCH}): PG configurations and DFS vs skip-only.", ""]
+    md = (work / "report.md").read_text()
+    _write_text(work / "report.md", append_sections(md, {"gated-plots": "\n".join(text)}))
 
 
 def _dfs_gate(checkpoint: str):  # noqa: ANN202 - HostGate | None

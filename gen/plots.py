@@ -26,7 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["plot_cycles", "plot_utilization", "plot_roofline", "layer_intensity", "write_plots",
-           "plots_markdown", "append_sections", "update_report_md", "DEFAULT_BANDWIDTH_GBS"]
+           "plots_markdown", "append_sections", "update_report_md", "DEFAULT_BANDWIDTH_GBS",
+           "plot_accuracy_vs_compute", "plot_speedups"]
 
 #: external memory bandwidth of the roofline's slanted roof: a 16-bit DDR3 at 800 MT/s, the
 #: kind ECP5 boards carry (an assumption, drawn as such)
@@ -259,3 +260,48 @@ def update_report_md(out_dir: Path, rep: Mapping[str, Any], fpga: Mapping[str, A
     sections["plots"] = plots_markdown(paths, fmax, bandwidth_gbs)
     _write_atomic(md_path, append_sections(md, sections))
     return paths
+
+
+# -- gated models (Precision Gating / DFS) ------------------------------------------------------
+def plot_accuracy_vs_compute(res: Mapping[str, Any], path: Path) -> Path:
+    """Accuracy vs compute from a ``pg_dfs`` bench result: PG (integer model) against average
+    activation bits of the PG layers, DFS and skip-only against the computation percentage."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ax = axes[0]
+    for r in res.get("pg") or []:
+        ax.scatter(r["avg_bits"], r["acc"], color="tab:blue")
+        ax.annotate(f"{r['act_bits']}/{r['msb_bits']} bits", (r["avg_bits"], r["acc"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if res.get("pg"):
+        ax.axhline(res["pg"][0]["fp_acc"], color="gray", ls=":", label="float")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("average activation bits of PG layers")
+    ax.set_ylabel("top-1 accuracy (%), integer model")
+    ax.set_title("Precision Gating")
+    ax = axes[1]
+    for key, color, label in (("dfs", "tab:green", "DFS skip/4/8"),
+                              ("skip_only", "tab:red", "skip-only skip/8")):
+        pts = sorted((r["measured_cp"], r["acc"]) for r in (res.get("dfs") or {}).get(key, []))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=label)
+    if res.get("dfs"):
+        ax.legend(fontsize=8)
+    ax.set_xlabel("computation percentage (%)")
+    ax.set_ylabel("top-1 accuracy (%), integer model")
+    ax.set_title("DFS vs skip-only")
+    return _save(fig, Path(path))
+
+
+def plot_speedups(rows: Sequence[Mapping[str, Any]], path: Path, title: str,
+                  measured_key: str = "measured", measured_label: str = "measured (RTL)") -> Path:
+    """Per-layer bars: theoretical speed-up over dense next to the measured one."""
+    fig, ax = plt.subplots(figsize=(_fig_width(len(rows)), 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["theoretical"] for r in rows], 0.4, label="theoretical")
+    ax.bar([x + 0.2 for x in xs], [r[measured_key] for r in rows], 0.4, label=measured_label)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([_short(r["layer"]) for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("speed-up over dense (×)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))

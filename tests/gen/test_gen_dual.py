@@ -156,3 +156,25 @@ def test_dfs_statistics_follow_the_forced_decisions():
     assert (full["cp"], msb["cp"], skip["cp"]) == (100.0, 50.0, 0.0)
     assert all(b["share"]["4"] == 1.0 for b in msb["blocks"])
     assert "## DFS decisions" in dfs_markdown(msb)
+
+
+def test_gated_plots_section(tmp_path, monkeypatch):
+    from dynacc.gen import pipeline
+
+    (tmp_path / "report.md").write_text("# m\n")
+    rep = {"gates": {"images": 3, "layers": [
+        {"name": "layer1.0.conv1", "theoretical_speedup": 1.6, "cycle_speedup": 1.58},
+        {"name": "layer2.0.conv1", "theoretical_speedup": 1.4, "cycle_speedup": 1.37}]}}
+    bench = tmp_path / "pg_dfs.json"
+    monkeypatch.setattr(pipeline, "PG_DFS_BENCH", bench)
+    pipeline._gated_plots(tmp_path, rep)
+    md = (tmp_path / "report.md").read_text()
+    assert "![gate_speedups](gate_speedups.png)" in md and "accuracy_vs_compute" not in md
+    assert (tmp_path / "gate_speedups.png").read_bytes()[:4] == b"\x89PNG"
+    bench.write_text('{"pg": [{"act_bits": 3, "msb_bits": 2, "acc": 97.0, "fp_acc": 96.0, '
+                     '"avg_bits": 2.2}], "dfs": {"dfs": [{"measured_cp": 50, "acc": 98}], '
+                     '"skip_only": [{"measured_cp": 51, "acc": 94}]}}')
+    pipeline._gated_plots(tmp_path, rep)
+    md = (tmp_path / "report.md").read_text()
+    assert md.count("## Gated plots") == 1 and "![accuracy_vs_compute]" in md
+    assert (tmp_path / "accuracy_vs_compute.png").exists()
