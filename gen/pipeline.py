@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -41,6 +40,7 @@ from dynacc.quant.formats import QuantConfig, WeightBlocking
 from dynacc.quant.models import DATASET_NUM_CLASSES, DEFAULT_DATASET, build_model, input_shape
 from dynacc.quant.program import BFPProgram
 
+from .atomic import replace_dir
 from .layer_program import LayerProgram, build_layer_program
 from .report import report_dict, report_markdown
 
@@ -310,7 +310,7 @@ def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
                 break
             st.timings[name] = time.perf_counter() - t0
             log.info("step %s done in %.2f s", name, st.timings[name])
-        _replace_dir(work, out)
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -318,16 +318,3 @@ def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
     if failed is not None:
         raise failed
     return st
-
-
-def _replace_dir(work: Path, out: Path) -> None:
-    """Move the finished ``work`` folder onto ``out`` (the old one is removed after)."""
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    work.chmod(0o755)  # mkdtemp makes it private
-    os.replace(work, out)
-    if old.exists():
-        shutil.rmtree(old)
