@@ -50,13 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_train_pg(sub: argparse._SubParsersAction) -> None:
-    """``train-pg``: Precision Gating fine-tuning -> dual-precision integer program."""
-    c = sub.add_parser("train-pg", help="fine-tune a float CIFAR ResNet with Precision Gating, "
-                                        "build its dual-precision integer program, save")
-    c.set_defaults(handler=_train_pg)
+def _add_backbone_args(c: argparse.ArgumentParser) -> None:
+    """Arguments of the float CIFAR ResNet that train-pg / train-dfs start from."""
     c.add_argument("--model", required=True, metavar="NAME",
-                   help="float model PG starts from: resnet20 | resnet38 | resnet74")
+                   help="float backbone: resnet20 | resnet38 | resnet74")
     c.add_argument("--data", default="digits", metavar="NAME",
                    help="dataset: digits | cifar10 (default: %(default)s)")
     c.add_argument("--data-root", default=None, metavar="DIR",
@@ -66,6 +63,14 @@ def _add_train_pg(sub: argparse._SubParsersAction) -> None:
                         "model and other data train one for --float-epochs")
     c.add_argument("--float-epochs", type=int, default=15,
                    help="float training epochs when there is no checkpoint (default: %(default)s)")
+
+
+def _add_train_pg(sub: argparse._SubParsersAction) -> None:
+    """``train-pg``: Precision Gating fine-tuning -> dual-precision integer program."""
+    c = sub.add_parser("train-pg", help="fine-tune a float CIFAR ResNet with Precision Gating, "
+                                        "build its dual-precision integer program, save")
+    c.set_defaults(handler=_train_pg)
+    _add_backbone_args(c)
     c.add_argument("--act-bits", type=int, default=3, help="PG activation bits b (default: %(default)s)")
     c.add_argument("--msb-bits", type=int, default=2,
                    help="MSB bits of the prediction phase (default: %(default)s)")
@@ -162,17 +167,7 @@ def _add_train_dfs(sub: argparse._SubParsersAction) -> None:
                                          "block and image) on a float CIFAR ResNet, build its "
                                          "integer program, save")
     c.set_defaults(handler=_train_dfs)
-    c.add_argument("--model", required=True, metavar="NAME",
-                   help="float backbone: resnet20 | resnet38 | resnet74")
-    c.add_argument("--data", default="digits", metavar="NAME",
-                   help="dataset: digits | cifar10 (default: %(default)s)")
-    c.add_argument("--data-root", default=None, metavar="DIR",
-                   help="local folder of cifar10 (nothing is downloaded)")
-    c.add_argument("--checkpoint", default=None, metavar="FILE",
-                   help="float weights to start from; without it digits use the cached trained "
-                        "model and other data train one for --float-epochs")
-    c.add_argument("--float-epochs", type=int, default=15,
-                   help="float training epochs when there is no checkpoint (default: %(default)s)")
+    _add_backbone_args(c)
     c.add_argument("--options", default="skip,4,8",
                    help="gate options, 'skip' and bit widths; the largest is the full "
                         "precision b (default: %(default)s; skip-only baseline: skip,8)")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 
+from dynacc.gen.atomic import replace_dir
 from dynacc.gen.engine_layers import conv_layer, dual_layer
 from dynacc.gen.layer_program import EngineLayer, HostStep, LayerProgram, build_layer_program
 from dynacc.hw.config import HwConfig
@@ -101,22 +102,6 @@ def _bfp_spec(program: BFPProgram) -> dict[str, Any]:
         "calibration": cfg.method,
         "quant_config": cfg.to_dict(),
     }
-
-
-def _replace_dir(work: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(work, out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)      # put the previous folder back
-        raise
-    if old.exists():
-        shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------- export
@@ -341,8 +326,7 @@ def export_program(out_dir: str | os.PathLike, program: BFPProgram,
         _write_folder(work, program, lp, model=model, dataset=dataset,
                       input_shape=tuple(shapes["input"]), source=dict(source or {}), hook=_hook,
                       dfs=dfs)
-        work.chmod(0o755)  # mkdtemp makes it private
-        _replace_dir(work, out)
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
