@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CheckpointError, save_checkpoint
 from .flow import calibrate_and_evaluate, load_data, prepare_float_model
 from .formats import QuantConfig
@@ -262,6 +264,10 @@ def _train_dfs(args: argparse.Namespace) -> int:
           f"golden integer {gst['acc']:.2f} % at CP {gst['cp']:.1f} %")
     print(f"CP per gated block (fake-quant): {per}")
     print(f"CP per gated block (golden):     {gper}")
+    q = torch.quantile(st["cp_per_input"].double(), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0],
+                                                                 dtype=torch.float64))
+    print("CP per input (fake-quant, test split): min {:.1f}, p10 {:.1f}, median {:.1f}, "
+          "p90 {:.1f}, max {:.1f} %".format(*q.tolist()))
     print(f"saved {out}")
     return 0
 
