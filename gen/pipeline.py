@@ -209,7 +209,7 @@ def step_report(st: GenState) -> GenState:
         shutil.copyfile(Path(st.opts.out_dir) / "fpga.json", st.work / "fpga.json")
     from .plots import update_report_md
     update_report_md(st.work, rep, fpga)
-    if rep.get("gates", {}).get("layers"):
+    if rep.get("gates", {}).get("layers") or rep.get("dfs"):
         _gated_plots(st.work, rep)
     return st
 
@@ -224,14 +224,17 @@ def _gated_plots(work: Path, rep: dict[str, Any]) -> None:
     appended to report.md as the "Gated plots" section."""
     from .plots import append_sections, plot_accuracy_vs_compute, plot_speedups
 
-    rows = [{"layer": x["name"], "theoretical": x["theoretical_speedup"],
-             "measured": x["cycle_speedup"]} for x in rep["gates"]["layers"]]
-    plot_speedups(rows, work / "gate_speedups.png",
-                  f"PG layers, {rep['gates']['images']} test images: exact engine cycles vs theory",
-                  measured_label="engine cycles (= RTL)")
-    text = ["## Gated plots", "", "![gate_speedups](gate_speedups.png)", "",
-            "Per PG layer: the speed-up over the dense mode that the gate outcomes allow "
-            "(2 / (1 + passed fraction)) and the one the engine's exact cycles give.", ""]
+    text = ["## Gated plots", ""]
+    gates = rep.get("gates", {}).get("layers")
+    if gates:
+        rows = [{"layer": x["name"], "theoretical": x["theoretical_speedup"],
+                 "measured": x["cycle_speedup"]} for x in gates]
+        plot_speedups(rows, work / "gate_speedups.png",
+                      f"PG layers, {rep['gates']['images']} test images: exact engine cycles "
+                      "vs theory", measured_label="engine cycles (= RTL)")
+        text += ["![gate_speedups](gate_speedups.png)", "",
+                 "Per PG layer: the speed-up over the dense mode that the gate outcomes allow "
+                 "(2 / (1 + passed fraction)) and the one the engine's exact cycles give.", ""]
     try:
         bench = json.loads(PG_DFS_BENCH.read_text())
     except (OSError, ValueError):
@@ -241,6 +244,8 @@ def _gated_plots(work: Path, rep: dict[str, Any]) -> None:
         text += ["![accuracy_vs_compute](accuracy_vs_compute.png)", "",
                  f"Accuracy vs compute of the digits ResNet-20 from `make bench` "
                  f"({PG_DFS_BENCH}): PG configurations and DFS vs skip-only.", ""]
+    if len(text) == 2:
+        return
     md = (work / "report.md").read_text()
     _write_text(work / "report.md", append_sections(md, {"gated-plots": "\n".join(text)}))
 

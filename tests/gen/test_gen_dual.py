@@ -178,3 +178,13 @@ def test_gated_plots_section(tmp_path, monkeypatch):
     md = (tmp_path / "report.md").read_text()
     assert md.count("## Gated plots") == 1 and "![accuracy_vs_compute]" in md
     assert (tmp_path / "accuracy_vs_compute.png").exists()
+    # a DFS report (no PG gates) gets the accuracy-vs-compute plot only, and nothing
+    # without a bench result
+    (tmp_path / "report.md").write_text("# dfs\n")
+    pipeline._gated_plots(tmp_path, {"dfs": {"blocks": []}, "gates": {"layers": []}})
+    md = (tmp_path / "report.md").read_text()
+    assert "![accuracy_vs_compute]" in md and "gate_speedups" not in md
+    bench.unlink()
+    (tmp_path / "report.md").write_text("# dfs\n")
+    pipeline._gated_plots(tmp_path, {"dfs": {"blocks": []}})
+    assert (tmp_path / "report.md").read_text() == "# dfs\n"
