@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -57,40 +55,12 @@ def _cfg(cfg: HwConfig | str) -> HwConfig:
     return load_named(cfg) if isinstance(cfg, str) else cfg
 
 
-def _fingerprint(cfg: HwConfig) -> str:
-    """Hash of everything the generated Verilog depends on (hw/ sources, sim/top.py, cfg,
-    amaranth version): lets a process reuse a build without regenerating the Verilog."""
-    import amaranth
-
-    h = hashlib.sha256(cfg.key().encode())
-    h.update(amaranth.__version__.encode())
-    here = Path(__file__).resolve().parent
-    files = sorted((here.parent / "hw").glob("*.py")) + [here / "top.py"]
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 @functools.lru_cache(maxsize=None)
 def _build_cached(cfg: HwConfig, waves: bool) -> tuple[runner.SimBuild, dict[str, int]]:
     from .top import sim_top
 
-    index = runner.build_root() / "index" / f"{cfg.name}-{_fingerprint(cfg)}{'-w' if waves else ''}.json"
-    if index.exists():
-        info = json.loads(index.read_text())
-        bdir = Path(info["build_dir"])
-        if (bdir / "BUILT").exists():
-            return runner.SimBuild(bdir, info["toplevel"], 0.0, True), info["load_bits"]
-    top = sim_top(cfg)
-    sim = runner.build(f"conv_{cfg.name}", top.sources, top.toplevel, waves=waves,
-                       public_all=False, make_vars=MAKE_VARS)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_name(index.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"build_dir": str(sim.build_dir), "toplevel": sim.toplevel,
-                               "load_bits": top.load_bits}))
-    os.replace(tmp, index)
-    return sim, top.load_bits
+    return runner.cached_top_build(f"conv_{cfg.name}", cfg.key(), ["top.py"],
+                                   lambda: sim_top(cfg), waves=waves, make_vars=MAKE_VARS)
 
 
 def build_engine(cfg: HwConfig | str = "default") -> runner.SimBuild:

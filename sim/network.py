@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -126,21 +125,6 @@ class NetworkCheck:
             raise AssertionError(f[0] + (f" (+{len(f) - 1} more)" if len(f) > 1 else ""))
 
 
-def _net_fingerprint(cfg: HwConfig) -> str:
-    """Hash of everything the two-engine sim top depends on (hw/ sources, the sim tops,
-    cfg, amaranth version)."""
-    import amaranth
-
-    h = hashlib.sha256(cfg.key().encode())
-    h.update(amaranth.__version__.encode())
-    here = Path(__file__).resolve().parent
-    for f in sorted((here.parent / "hw").glob("*.py")) + [here / n for n in (
-            "top.py", "dual_top.py", "net_top.py")]:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 @functools.lru_cache(maxsize=None)
 def _build_net_cached(cfg: HwConfig, waves: bool
                       ) -> tuple[runner.SimBuild, dict[str, dict[str, int]]]:
@@ -148,22 +132,9 @@ def _build_net_cached(cfg: HwConfig, waves: bool
     source state, reused from ``build/sim``) and its per-engine load bits."""
     from .net_top import net_sim_top
 
-    index = (runner.build_root() / "index"
-             / f"net-{cfg.name}-{_net_fingerprint(cfg)}{'-w' if waves else ''}.json")
-    if index.exists():
-        info = json.loads(index.read_text())
-        bdir = Path(info["build_dir"])
-        if (bdir / "BUILT").exists():
-            return runner.SimBuild(bdir, info["toplevel"], 0.0, True), info["load_bits"]
-    top = net_sim_top(cfg)
-    sim = runner.build(f"net_{cfg.name}", top.sources, top.toplevel, waves=waves,
-                       public_all=False, make_vars=MAKE_VARS)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_name(index.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"build_dir": str(sim.build_dir), "toplevel": sim.toplevel,
-                               "load_bits": top.load_bits}))
-    os.replace(tmp, index)
-    return sim, top.load_bits
+    return runner.cached_top_build(f"net_{cfg.name}", cfg.key(),
+                                   ["top.py", "dual_top.py", "net_top.py"],
+                                   lambda: net_sim_top(cfg), waves=waves, make_vars=MAKE_VARS)
 
 
 def build_network_sim(cfg: HwConfig, dual: bool) -> tuple[runner.SimBuild, dict[str, Any]]:

@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 __all__ = [
     "SimulationError",
@@ -257,6 +257,44 @@ def build(name: str, sources: Mapping[str, str], toplevel: str, *,
         dt = time.perf_counter() - t0
         stamp.write_text(f"{dt:.3f}\n")
         return SimBuild(bdir, toplevel, dt, False)
+
+
+def cached_top_build(name: str, cfg_key: str, top_files: Sequence[str],
+                     make_top: Callable[[], Any], *, waves: bool,
+                     make_vars: Mapping[str, str] = {}) -> tuple[SimBuild, Any]:
+    """Build the simulator of a generated sim top once per source state and reuse it.
+
+    The Verilog of a sim top depends only on ``cfg_key`` (the hardware config), the
+    amaranth version, ``hw/*.py`` and the ``sim/`` files ``top_files``; their hash names an
+    index file in ``build/sim/index`` that points at the finished build, so a later process
+    skips regenerating the Verilog. ``make_top()`` returns an object with ``sources``,
+    ``toplevel`` and ``load_bits`` (JSON-serializable). Returns ``(build, load_bits)``.
+    """
+    import json
+
+    import amaranth
+
+    h = hashlib.sha256(cfg_key.encode())
+    h.update(amaranth.__version__.encode())
+    here = Path(__file__).resolve().parent
+    for f in sorted((here.parent / "hw").glob("*.py")) + [here / n for n in top_files]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    index = build_root() / "index" / f"{name}-{h.hexdigest()[:16]}{'-w' if waves else ''}.json"
+    if index.exists():
+        info = json.loads(index.read_text())
+        bdir = Path(info["build_dir"])
+        if (bdir / "BUILT").exists():
+            return SimBuild(bdir, info["toplevel"], 0.0, True), info["load_bits"]
+    top = make_top()
+    sim = build(name, top.sources, top.toplevel, waves=waves, public_all=False,
+                make_vars=make_vars)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_name(index.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"build_dir": str(sim.build_dir), "toplevel": sim.toplevel,
+                               "load_bits": top.load_bits}))
+    os.replace(tmp, index)
+    return sim, top.load_bits
 
 
 def new_run_dir(prefix: str) -> Path:
