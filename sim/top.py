@@ -21,7 +21,7 @@ from amaranth.back import verilog
 from dynacc.hw.config import HwConfig
 from dynacc.hw.conv_engine import MEMORIES, ConvEngine
 
-__all__ = ["SimTop", "sim_top"]
+__all__ = ["SimTop", "sim_top", "engine_sim_top"]
 
 TOP_NAME = "conv_sim_top"
 
@@ -55,59 +55,67 @@ def _ports(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def sim_top(cfg: HwConfig) -> SimTop:
     """Generate ``<engine>.v``, ``<engine>.component.json`` and the wrapper for ``cfg``."""
-    engine = ConvEngine(cfg)
-    ename = f"conv_engine_{cfg.name}"
+    return engine_sim_top(ConvEngine(cfg), f"conv_engine_{cfg.name}", TOP_NAME,
+                          {n: (kind, n) for n, (kind, _) in MEMORIES.items()},
+                          f"dynacc.sim.top for hardware config {cfg.name!r}")
+
+
+def engine_sim_top(engine: Any, ename: str, top_name: str,
+                   port_memories: dict[str, tuple[str, str]], generator: str) -> SimTop:
+    """The wrapper of an engine component: one Verilog memory per memory name, shared by
+    every engine port that names it (``port_memories``: port -> (``read``/``write``,
+    memory)). Each read port gets its own registered read (latency 1) of its memory; read
+    memories load ``<m>.mem`` on their bit of ``load`` (bits in order of first appearance),
+    write memories dump to ``<m>.mem`` on ``dump``. ``generator`` names the generator in the
+    file header."""
     meta = engine.metadata.as_json()
     ports = _ports(meta)
     members = meta["interface"]["members"]
     engine_v = verilog.convert(engine, name=ename, emit_src=False)
 
-    def port(mem: str, field: str) -> dict[str, Any]:
-        return ports[members[mem]["members"][field]["name"]]
+    def port(p: str, field: str) -> dict[str, Any]:
+        return ports[members[p]["members"][field]["name"]]
 
+    decls: list[str] = []
     lines: list[str] = []
     conns: list[str] = []
-    decls: list[str] = []
     load_bits: dict[str, int] = {}
     geometry: dict[str, tuple[int, int]] = {}
-    reads = [n for n, (kind, _) in MEMORIES.items() if kind == "read"]
-    for i, n in enumerate(reads):
-        load_bits[n] = i
-    out_mem = next(n for n, (kind, _) in MEMORIES.items() if kind == "write")
-
-    for n in MEMORIES:
-        addr, data, en = port(n, "addr"), port(n, "data"), port(n, "en")
+    writes: list[str] = []
+    for p, (kind, mem) in port_memories.items():
+        addr, data, en = port(p, "addr"), port(p, "data"), port(p, "en")
         dw, aw = data["width"], addr["width"]
-        geometry[n] = (dw, aw)
-        decls += [
-            f"  reg  [{dw - 1}:0] {n}_mem [0:{(1 << aw) - 1}];",
-            f"  wire [{aw - 1}:0] {n}_addr;",
-            f"  wire {n}_en;",
-        ]
-        conns += [f"    .{addr['name']}({n}_addr),", f"    .{en['name']}({n}_en),"]
-        if MEMORIES[n][0] == "read":
-            decls.append(f"  reg  [{dw - 1}:0] {n}_q;")
-            conns.append(f"    .{data['name']}({n}_q),")
-            lines += [
-                f"  always @(posedge clk) if ({n}_en) {n}_q <= {n}_mem[{n}_addr];",
-                f"  always @(posedge clk) if (load[{load_bits[n]}]) $readmemh(\"{n}.mem\", {n}_mem);",
-            ]
+        if mem not in geometry:
+            geometry[mem] = (dw, aw)
+            decls.append(f"  reg  [{dw - 1}:0] {mem}_mem [0:{(1 << aw) - 1}];")
+            if kind == "read":
+                load_bits[mem] = len(load_bits)
+                lines.append(f"  always @(posedge clk) if (load[{load_bits[mem]}]) "
+                             f"$readmemh(\"{mem}.mem\", {mem}_mem);")
+            else:
+                writes.append(mem)
+                lines.append(f"  always @(posedge clk) if (dump) $writememh(\"{mem}.mem\", "
+                             f"{mem}_mem, 0, dump_words - 1);")
+        elif geometry[mem] != (dw, aw):
+            raise ValueError(f"ports of memory {mem!r} disagree on geometry")
+        decls += [f"  wire [{aw - 1}:0] {p}_addr;", f"  wire {p}_en;"]
+        conns += [f"    .{addr['name']}({p}_addr),", f"    .{en['name']}({p}_en),"]
+        if kind == "read":
+            decls.append(f"  reg  [{dw - 1}:0] {p}_q;")
+            conns.append(f"    .{data['name']}({p}_q),")
+            lines.append(f"  always @(posedge clk) if ({p}_en) {p}_q <= {mem}_mem[{p}_addr];")
         else:
-            decls.append(f"  wire [{dw - 1}:0] {n}_d;")
-            conns.append(f"    .{data['name']}({n}_d),")
-            lines += [
-                f"  always @(posedge clk) if ({n}_en) {n}_mem[{n}_addr] <= {n}_d;",
-                f"  always @(posedge clk) if (dump) $writememh(\"{n}.mem\", {n}_mem, 0, dump_words - 1);",
-            ]
-    ow = geometry[out_mem][1]
+            decls.append(f"  wire [{dw - 1}:0] {p}_d;")
+            conns.append(f"    .{data['name']}({p}_d),")
+            lines.append(f"  always @(posedge clk) if ({p}_en) {mem}_mem[{p}_addr] <= {p}_d;")
+    ow = max(geometry[w][1] for w in writes)
     ctrl = {k: ports[k] for k in ("desc", "start", "busy", "done", "cycles")}
     for k, p in ctrl.items():
         conns.append(f"    .{p['name']}({k}),")
-    conns.append("    .clk(clk),")
-    conns.append("    .rst(rst)")
+    conns += ["    .clk(clk),", "    .rst(rst)"]
     top = "\n".join([
-        f"// Generated by dynacc.sim.top for hardware config {cfg.name!r}: do not edit.",
-        f"module {TOP_NAME} (",
+        f"// Generated by {generator}: do not edit.",
+        f"module {top_name} (",
         "  input  clk,",
         "  input  rst,",
         "  input  start,",
@@ -115,7 +123,7 @@ def sim_top(cfg: HwConfig) -> SimTop:
         "  output busy,",
         "  output done,",
         f"  output [{ctrl['cycles']['width'] - 1}:0] cycles,",
-        f"  input  [{len(reads) - 1}:0] load,",
+        f"  input  [{len(load_bits) - 1}:0] load,",
         "  input  dump,",
         f"  input  [{ow}:0] dump_words",
         ");",
@@ -130,13 +138,13 @@ def sim_top(cfg: HwConfig) -> SimTop:
     vlt = "\n".join([
         "`verilator_config",
         "// cocotb sees the wrapper's ports and memories only (the engine stays private)",
-        f'public_flat_rw -module "{TOP_NAME}" -var "*"',
+        f'public_flat_rw -module "{top_name}" -var "*"',
         "",
     ])
     sources = {
-        f"{TOP_NAME}.vlt": vlt,
+        f"{top_name}.vlt": vlt,
         f"{ename}.v": engine_v,
         f"{ename}.component.json": json.dumps(meta, indent=1, sort_keys=True),
-        f"{TOP_NAME}.v": top,
+        f"{top_name}.v": top,
     }
-    return SimTop(TOP_NAME, sources, load_bits, geometry, meta)
+    return SimTop(top_name, sources, load_bits, geometry, meta)
