@@ -67,6 +67,20 @@ def _add_backbone_args(c: argparse.ArgumentParser) -> None:
                    help="float training epochs when there is no checkpoint (default: %(default)s)")
 
 
+def _add_program_args(c: argparse.ArgumentParser, method_help: str) -> None:
+    """Arguments of the integer program train-pg / train-dfs build (M = 9 by default, so
+    unsigned 8-bit activations fit the activation word)."""
+    c.add_argument("--mantissa", type=int, default=9,
+                   help="mantissa bits M, sign included (default: %(default)s)")
+    c.add_argument("--exponent-bits", type=int, default=8,
+                   help="shared exponent bits E (default: %(default)s)")
+    c.add_argument("--method", default="max", choices=["kl", "max"],
+                   help=method_help + " (default: %(default)s)")
+    c.add_argument("--calib-images", type=int, default=200,
+                   help="calibration images (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+
+
 def _add_train_pg(sub: argparse._SubParsersAction) -> None:
     """``train-pg``: Precision Gating fine-tuning -> dual-precision integer program."""
     c = sub.add_parser("train-pg", help="fine-tune a float CIFAR ResNet with Precision Gating, "
@@ -86,15 +100,7 @@ def _add_train_pg(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--alpha", type=float, default=6.0, help="initial PACT clip (default: %(default)s)")
     c.add_argument("--epochs", type=int, default=3, help="PG fine-tuning epochs (default: %(default)s)")
     c.add_argument("--lr", type=float, default=0.01, help="learning rate (default: %(default)s)")
-    c.add_argument("--mantissa", type=int, default=9,
-                   help="mantissa bits M, sign included (default: %(default)s)")
-    c.add_argument("--exponent-bits", type=int, default=8,
-                   help="shared exponent bits E (default: %(default)s)")
-    c.add_argument("--method", default="max", choices=["kl", "max"],
-                   help="exponent method of the non-PG tensors (default: %(default)s)")
-    c.add_argument("--calib-images", type=int, default=200,
-                   help="calibration images (default: %(default)s)")
-    c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    _add_program_args(c, "exponent method of the non-PG tensors")
     c.add_argument("--out", default=None, metavar="FILE",
                    help="output checkpoint (default: build/<model>/<model>-<data>-pg<b>-<msb>.pt)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -185,15 +191,7 @@ def _add_train_dfs(sub: argparse._SubParsersAction) -> None:
                    help="backbone learning rate (default: %(default)s)")
     c.add_argument("--gate-lr", type=float, default=DFS_DEFAULTS["gate_lr"],
                    help="gate learning rate, Adam (default: %(default)s)")
-    c.add_argument("--mantissa", type=int, default=9,
-                   help="mantissa bits M, sign included (default: %(default)s)")
-    c.add_argument("--exponent-bits", type=int, default=8,
-                   help="shared exponent bits E (default: %(default)s)")
-    c.add_argument("--method", default="max", choices=["kl", "max"],
-                   help="exponent method of the tensors DFS does not pin (default: %(default)s)")
-    c.add_argument("--calib-images", type=int, default=200,
-                   help="calibration images (default: %(default)s)")
-    c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    _add_program_args(c, "exponent method of the tensors DFS does not pin")
     c.add_argument("--out", default=None, metavar="FILE",
                    help="output checkpoint (default: build/<model>/<model>-<data>-dfs-<options>"
                         "-cp<target>.pt)")
