@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..formats import BFPFormat, QuantConfig
 from ..pg import PACT, PGConv2d
+from .resnet_cifar import init_cifar_weights
 
 __all__ = ["PGBasicBlock", "PGResNet", "pg_resnet20", "pg_resnet_from_float"]
 
@@ -69,12 +70,7 @@ class PGResNet(nn.Module):
         self.layer3 = self._stage(32, 64, n, 2, kw)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_cifar_weights(self)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, blocks: int, stride: int, kw: dict) -> nn.Sequential:

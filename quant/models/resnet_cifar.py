@@ -12,7 +12,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet38", "resnet74"]
+__all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet38", "resnet74", "init_cifar_weights"]
+
+
+def init_cifar_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan-out) convs, BN gamma = 1 and beta = 0, in module order."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class BasicBlock(nn.Module):
@@ -62,12 +72,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_stage(32, 64, n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_cifar_weights(self)
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
