@@ -74,6 +74,33 @@ _LAYOUTS = {
 }
 
 
+def write_layer_cases(run_dir: Path, progs: Sequence, dlayout, layouts: dict) -> list[dict]:
+    """One folder per layer program in ``run_dir`` (``layer000``, ...) with its memory
+    images as ``<mem>.mem`` in the word ``layouts``; returns the bench manifest's cases
+    (folder, name, descriptor bits in ``dlayout``, files to load, words to dump)."""
+    cases = []
+    for i, prog in enumerate(progs):
+        cdir = run_dir / f"layer{i:03d}"
+        cdir.mkdir()
+        files = {}
+        for mem, img in prog.images().items():
+            path = cdir / f"{mem}.mem"
+            write_mem(path, img, layouts[mem])
+            files[mem] = str(path)
+        desc = int(dlayout.const(prog.desc).as_bits())
+        cases.append({"dir": str(cdir), "name": prog.layer.name, "desc": desc, "load": files,
+                      "dump_words": prog.out_words})
+    return cases
+
+
+def finish_run_dir(run_dir: Path, keep: bool | None) -> None:
+    """Delete a run directory unless ``keep`` or ``WAVES=1`` (then say where it is)."""
+    if keep or runner.waves_enabled():
+        _log.warning("kept the run directory %s (waves: dump.vcd)", run_dir)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def run_conv_layers(layers: Sequence[ConvLayer], cfg: HwConfig | str = "default", *,
                     clock: str = "gpi", keep: bool | None = None) -> list[ConvResult]:
     """Run ``layers`` one after the other in one simulator process.
@@ -88,19 +115,8 @@ def run_conv_layers(layers: Sequence[ConvLayer], cfg: HwConfig | str = "default"
     progs = [ConvProgram(layer, cfg) for layer in layers]  # checks before any build
     sim, load_bits = _build_cached(cfg, runner.waves_enabled())
     run_dir = runner.new_run_dir(f"conv_{cfg.name}")
-    dlayout = desc_layout(cfg)
-    cases = []
-    for i, prog in enumerate(progs):
-        cdir = run_dir / f"layer{i:03d}"
-        cdir.mkdir()
-        files = {}
-        for mem, img in prog.images().items():
-            path = cdir / f"{mem}.mem"
-            write_mem(path, img, _LAYOUTS[mem](cfg))
-            files[mem] = str(path)
-        desc = int(dlayout.const(prog.desc).as_bits())
-        cases.append({"dir": str(cdir), "name": prog.layer.name, "desc": desc, "load": files,
-                      "dump_words": prog.out_words})
+    cases = write_layer_cases(run_dir, progs, desc_layout(cfg),
+                              {m: f(cfg) for m, f in _LAYOUTS.items()})
     manifest = run_dir / "manifest.json"
     manifest.write_text(json.dumps({"clock": clock, "load_bits": load_bits, "layers": cases}))
     runner.run(sim, BENCH_MODULE, run_dir=run_dir,
@@ -113,10 +129,7 @@ def run_conv_layers(layers: Sequence[ConvLayer], cfg: HwConfig | str = "default"
         words = read_mem(cdir / "out.mem", olayout)
         results.append(ConvResult(prog.layer.name, prog.unpack_output(words), int(res["cycles"]),
                                   float(res["wall_s"])))
-    if keep or runner.waves_enabled():
-        _log.warning("kept the run directory %s (waves: dump.vcd)", run_dir)
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    finish_run_dir(run_dir, keep)
     return results
 
 

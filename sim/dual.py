@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -29,13 +27,12 @@ from dynacc.hw.types import (act_word_layout, align_word_layout, bias_word_layou
                              quant_word_layout, weight_word_layout)
 
 from . import runner
-from .conv import MAKE_VARS, check_conv_output
-from .memfile import read_mem, write_mem
+from .conv import MAKE_VARS, check_conv_output, finish_run_dir, write_layer_cases
+from .memfile import read_mem
 
 __all__ = ["DualResult", "build_dual_engine", "run_dual_layers", "check_dual_result",
            "verify_dual_layers"]
 
-_log = logging.getLogger(__name__)
 
 BENCH_MODULE = "dynacc.sim.benches.dual_bench"
 
@@ -83,19 +80,8 @@ def run_dual_layers(layers: Sequence[DualLayer], cfg: HwConfig | str = "dual", *
     progs = [DualProgram(layer, cfg) for layer in layers]   # checks before any build
     sim, load_bits = _build_cached(cfg, runner.waves_enabled())
     run_dir = runner.new_run_dir(f"dual_{cfg.name}")
-    dlayout = dual_desc_layout(cfg)
-    cases = []
-    for i, prog in enumerate(progs):
-        cdir = run_dir / f"layer{i:03d}"
-        cdir.mkdir()
-        files = {}
-        for mem, img in prog.images().items():
-            path = cdir / f"{mem}.mem"
-            write_mem(path, img, _LAYOUTS[mem](cfg))
-            files[mem] = str(path)
-        desc = int(dlayout.const(prog.desc).as_bits())
-        cases.append({"dir": str(cdir), "name": prog.layer.name, "desc": desc, "load": files,
-                      "dump_words": prog.out_words})
+    cases = write_layer_cases(run_dir, progs, dual_desc_layout(cfg),
+                              {m: f(cfg) for m, f in _LAYOUTS.items()})
     manifest = run_dir / "manifest.json"
     manifest.write_text(json.dumps({"load_bits": load_bits, "layers": cases,
                                     "dumps": ["out", "passed"]}))
@@ -110,10 +96,7 @@ def run_dual_layers(layers: Sequence[DualLayer], cfg: HwConfig | str = "dual", *
         results.append(DualResult(prog.layer.name, prog.unpack_output(out),
                                   prog.unpack_passed(passed), int(res["cycles"]),
                                   float(res["wall_s"])))
-    if keep or runner.waves_enabled():
-        _log.warning("kept the run directory %s (waves: dump.vcd)", run_dir)
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    finish_run_dir(run_dir, keep)
     return results
 
 
