@@ -11,6 +11,7 @@ named in ``docs/arithmetic.md``.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -33,6 +34,10 @@ __all__ = [
     "DP_MODES",
     "split_msb_lsb",
     "dual_precision_conv2d",
+    "cg_base_mask",
+    "channel_gated_conv2d",
+    "fbs_active",
+    "fbs_conv2d",
 ]
 
 _EXACT_F64 = 1 << 53
@@ -264,3 +269,102 @@ def dual_precision_conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.T
     if bias is not None:
         acc = acc + bias.to(torch.int64)[None, :, None, None]
     return acc, passed, acc_lsb
+
+
+def cg_base_mask(out_channels: int, in_channels: int, partitions: int) -> torch.Tensor:
+    """Rule CG1: the block-diagonal base path of Channel Gating, ``[O, C]`` bool.
+
+    Output chunk ``j = o // (O/p)`` sees input chunk ``j``: ``mask[o, c] = (o // (O/p)) ==
+    (c // (C/p))``. ``p`` must divide both ``O`` and ``C``."""
+    p = int(partitions)
+    if p < 1 or out_channels % p or in_channels % p:
+        raise ValueError(f"Channel Gating needs partitions p >= 1 dividing O={out_channels} and "
+                         f"C={in_channels}, got p={partitions}")
+    o_chunk = torch.arange(out_channels) // (out_channels // p)
+    c_chunk = torch.arange(in_channels) // (in_channels // p)
+    return o_chunk[:, None] == c_chunk[None, :]
+
+
+def channel_gated_conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor,
+                         w_lsb: torch.Tensor, bias: torch.Tensor | None, *, partitions: int,
+                         threshold: torch.Tensor, sign: torch.Tensor | None = None,
+                         mode: str = "gated", stride: int | Sequence[int] = 1,
+                         padding: int | Sequence[int] = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer Channel Gating conv (rules CG1-CG3), dense groups only.
+
+    * CG1 base phase: ``acc_base = conv(x, w * mask)`` over the block-diagonal base channels
+      (:func:`cg_base_mask`), aligned as the full conv (anchored at the full filter's
+      ``acc_lsb``), exact, no bias;
+    * CG2 gate: ``passed = sign[o] * acc_base > threshold[o]``, strict, integers in accumulator
+      units; mode ``full``: everything passes (the plain conv), ``msb``: nothing passes;
+    * CG3 result: ``acc = acc_base + passed * acc_rest + bias``, ``acc_rest = conv(x, w * ~mask)``;
+      a gated-off output keeps the base partial sum, not zero.
+
+    ``x`` holds any integer mantissas (the dual engine needs them unsigned, rule G0).
+    Returns ``(acc [N, O, Ho, Wo], passed (bool, same shape), acc_lsb [O])``.
+    """
+    if mode not in DP_MODES:
+        raise ValueError(f"channel-gating mode must be one of {DP_MODES}, not {mode!r}")
+    o, c = w.shape[0], w.shape[1]
+    mask = cg_base_mask(o, c, partitions).reshape(o, c, 1, 1)
+    w64 = w.to(torch.int64)
+    acc_base, acc_lsb = conv2d_acc(x, x_lsb, w64 * mask, w_lsb, None, stride, padding)
+    acc_rest, _ = conv2d_acc(x, x_lsb, w64 * ~mask, w_lsb, None, stride, padding)
+    if mode == "gated":
+        t = torch.as_tensor(threshold, dtype=torch.int64).reshape(-1).expand(o)
+        s = (torch.ones(o, dtype=torch.int64) if sign is None
+             else torch.as_tensor(sign, dtype=torch.int64).reshape(-1).expand(o))
+        if bool(((s != 1) & (s != -1)).any()):
+            raise ValueError("gate sign must be +1 or -1 per filter")
+        passed = s[None, :, None, None] * acc_base > t[None, :, None, None]
+    else:
+        passed = torch.full_like(acc_base, mode == "full", dtype=torch.bool)
+    acc = acc_base + torch.where(passed, acc_rest, torch.zeros_like(acc_rest))
+    if bias is not None:
+        acc = acc + bias.to(torch.int64)[None, :, None, None]
+    return acc, passed, acc_lsb
+
+
+def fbs_active(saliency: torch.Tensor, density: float) -> torch.Tensor:
+    """Rule FBS1, k-winners-take-all: ``k = ceil(d*C)``; with ``k = C`` every channel is
+    active, else channel c is active iff ``g_c > tau`` (strict), ``tau`` the (k+1)-th largest
+    saliency of the sample. Ties at ``tau`` are all inactive and a zero saliency is never
+    active when ``k < C``, so at most ``k`` channels are active (d is an upper bound, as in
+    FBS). ``saliency``: ``[N, C]`` (float or integer); returns bool ``[N, C]``."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"FBS density must be in (0, 1], got {density}")
+    n, c = saliency.shape
+    k = math.ceil(density * c - 1e-9)
+    if k >= c:
+        return torch.ones(n, c, dtype=torch.bool)
+    tau = saliency.topk(k + 1, dim=1).values[:, k:k + 1]
+    return (saliency > tau) & (saliency > 0)
+
+
+def fbs_conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor, w_lsb: torch.Tensor,
+               bias: torch.Tensor | None, *, active: torch.Tensor, scale: torch.Tensor,
+               stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer FBS conv accumulator (rules FBS2-FBS3), per sample.
+
+    * FBS2: ``acc = conv(x, w)`` (aligned, exact, no bias); only the input channels that are
+      nonzero matter, so an inactive input channel (exactly zero) may be skipped;
+    * FBS3: ``acc_s = acc * scale[n, o] + bias[n, o]`` for an active output channel, 0 for an
+      inactive one. ``scale`` is the quantized saliency ``g`` (unsigned integer, LSB
+      ``scale_lsb``), ``bias`` (``[O]`` or per sample ``[N, O]``) is on the scaled accumulator
+      LSB ``acc_lsb + scale_lsb``.
+
+    Returns ``(acc_s [N, O, Ho, Wo], acc_lsb [O])``: requantize with
+    ``out_lsb - acc_lsb - scale_lsb`` (rule R3), then the activation.
+    """
+    acc, acc_lsb = conv2d_acc(x, x_lsb, w, w_lsb, None, stride, padding)
+    n, o = acc.shape[:2]
+    act = torch.as_tensor(active, dtype=torch.bool).reshape(n, o)
+    g = torch.as_tensor(scale, dtype=torch.int64).reshape(n, o)
+    if bool((g < 0).any()):
+        raise ValueError("FBS scale (quantized saliency) must be unsigned")
+    b = (torch.zeros(n, o, dtype=torch.int64) if bias is None
+         else torch.as_tensor(bias, dtype=torch.int64).reshape(-1, o).expand(n, o))
+    acc_s = acc * g[:, :, None, None] + b[:, :, None, None]
+    return torch.where(act[:, :, None, None], acc_s, torch.zeros_like(acc_s)), acc_lsb
