@@ -83,6 +83,9 @@ class HwConfig:
     max_stride: int = 2
     #: width of the cycle counter
     cycle_bits: int = 32
+    #: width of the unsigned per-output-channel runtime scale of the dual-precision engine
+    #: (rule FBS3: the quantized FBS saliency); the conv engine does not use it
+    scale_bits: int = 8
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -103,6 +106,7 @@ class HwConfig:
         _check_int("max_kernel", self.max_kernel, 1, 15)
         _check_int("max_stride", self.max_stride, 1, 15)
         _check_int("cycle_bits", self.cycle_bits, 8, 64)
+        _check_int("scale_bits", self.scale_bits, 1, 16)
         worst = self.worst_case_accumulator()
         if worst > (1 << (self.acc_bits - 1)) - 1:
             need = worst.bit_length() + 1

@@ -1,6 +1,7 @@
 """The dual-precision convolution engine (Precision Gating and the DFS precisions, rules
-G0-G4): an MSB pass over every output, an LSB pass only over the outputs whose gate passed,
-with the cycles of the LSB pass proportional to the number of passing outputs."""
+G0-G4; Channel Gating, rules CG1-CG3; FBS, rules FBS2-FBS3): a first pass over every
+output, a second pass only over the outputs whose gate passed, with the cycles of the second
+pass proportional to the number of passing outputs."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from .item_queue import ItemQueue
 from .lsb_buffer import LsbBuffer
 from .mac_tree import MacTree, mac_tree_latency
 from .requantizer import Requantizer
+from .scaler import Scaler
 from .types import (acc_shape, act_word_layout, addr_width, align_word_layout, aligned_shape,
                     bias_word_layout, quant_word_layout, tree_shape, weight_word_layout)
 
-__all__ = ["DualEngine", "gate_word_layout", "passed_word_layout"]
+__all__ = ["DualEngine", "gate_word_layout", "passed_word_layout", "scale_word_layout",
+           "scaled_shape"]
 
 
 def _memories(lanes: int) -> dict[str, tuple[str, str, str]]:
@@ -33,6 +36,7 @@ def _memories(lanes: int) -> dict[str, tuple[str, str, str]]:
         "wgt": ("read", "wgt_depth", "wgt"),
         "align": ("read", "wgt_depth", "align"),
         "bias": ("read", "tiles", "bias"),
+        "scale": ("read", "tiles", "scale"),
         "quant": ("read", "tiles", "quant"),
         "gate": ("read", "tiles", "gate"),
         "out": ("write", "out_depth", "out"),
@@ -46,6 +50,18 @@ def gate_word_layout(cfg: HwConfig) -> data.ArrayLayout:
     ``acc_bits``) and ``neg`` (gate sign -1: the lane passes when ``-(acc_hb << L) > T``)."""
     return data.ArrayLayout(data.StructLayout({"threshold": acc_shape(cfg), "neg": 1}),
                             cfg.lanes)
+
+
+def scale_word_layout(cfg: HwConfig) -> data.ArrayLayout:
+    """Scale word (address t): per output lane the unsigned ``scale_bits`` runtime scale of
+    mode ``FBS`` (rule FBS3; the other modes use 1 and ignore the memory)."""
+    return data.ArrayLayout(unsigned(cfg.scale_bits), cfg.lanes)
+
+
+def scaled_shape(cfg: HwConfig):
+    """``signed(acc_bits + scale_bits)``: ``acc*scale + bias`` (``DualProgram`` proves every
+    layer's worst case fits), the requantizer input."""
+    return signed(cfg.acc_bits + cfg.scale_bits)
 
 
 def passed_word_layout(cfg: HwConfig) -> data.ArrayLayout:
@@ -65,18 +81,25 @@ class DualEngine(wiring.Component):
     1. MSB phase: every pixel, one ``(ky, kx, cw)`` step per cycle; the K MAC rows are the K
        output lanes of the tile and all read the pixel's activation word, fed with
        ``x >> L``. At each pixel's end the engine stores ``acc_hb << L`` of the K lanes and
-       their gate outcomes (``passed = sign*(acc_hb << L) > T``, strict; ``msb`` mode: none,
-       ``full``: all) in the internal ``part_hb`` memory, writes them to the ``passed`` port
-       and appends the passing (pixel, lane) items to the :class:`ItemQueue` (one pixel per
-       cycle).
+       their gate outcomes (``passed = sign*(acc_hb << L) > T``, strict; ``msb`` and ``fbs``
+       modes: none, ``full``: all) in the internal ``part_hb`` memory, writes them to the
+       ``passed`` port and appends the passing (pixel, lane) items to the :class:`ItemQueue`
+       (one pixel per cycle).
     2. LSB phase: the items in groups of K; MAC row r works on item ``g*K + r``: its own
        activation read port (``act<r>``), its own padding, its own lane's weight vector muxed
        out of the tile's K×K weight word, fed with ``x & (2**L - 1)``. After the group's
-       ``kh*kw*CW`` steps the K sums go to the :class:`LsbBuffer` (one word per group).
-       Mode ``msb`` (or a tile with no passing output) skips it.
-    3. Output phase: one pixel per cycle, ``acc = (acc_hb << L) + passed*acc_lb + bias``,
-       requantized (``shift.acc``), activated (``relu`` or the ``relu6`` clamp that also
-       serves ``pact``) and written to ``out`` (same port and layout as :class:`ConvEngine`).
+       ``kh*kw*n2`` steps the K sums go to the :class:`LsbBuffer` (one word per group).
+       Modes ``msb`` and ``fbs`` (or a tile with no passing output) skip it.
+    3. Output phase: one pixel per cycle, ``acc = ((acc_hb << L) + passed*acc_lb)*scale +
+       bias`` (``scale`` = 1 except in mode ``fbs``), requantized (``shift.acc``), activated
+       (``relu`` or the ``relu6`` clamp that also serves ``pact``) and written to ``out``
+       (same port and layout as :class:`ConvEngine`).
+
+    Mode ``cg`` (Channel Gating, L = 0): phase 1 walks only the tile's base input words (its
+    partition's ``nb``), the gate compares ``sign*acc_base > T``, phase 2 walks the other
+    ``CW - nb`` words with the whole activation as its digit, so ``acc = acc_base +
+    passed*acc_rest + bias`` (rules CG1-CG3). Mode ``fbs`` (L = 0): phase 1 over all words is
+    the whole conv, no phase 2, then ``acc*scale + bias`` (rule FBS3).
 
     Cycles: :func:`dynacc.hw.cycles.dual_conv_cycles` (exact; depends on the gate outcomes
     only through the number of passing outputs of each tile).
@@ -90,7 +113,9 @@ class DualEngine(wiring.Component):
                                                   memory)
     ``wgt``     ``((t*kh + ky)*kw + kx)*CW + cw`` K×K weights ``[o][c]``
     ``align``   ``t*CW + cw``                     d of each output lane
-    ``bias``    ``t``                             bias of each output lane (acc LSB)
+    ``bias``    ``t``                             bias of each output lane (acc LSB;
+                                                  ``fbs``: the scaled LSB)
+    ``scale``   ``t``                             FBS scale of each output lane
     ``quant``   ``t``                             shifts per lane (only ``acc`` is used)
     ``gate``    ``t``                             threshold and sign per lane
     ``out``     ``(y*Wo + x)*T + t``              K output mantissas (write)
@@ -110,6 +135,7 @@ class DualEngine(wiring.Component):
             "act": act_word_layout(cfg), "wgt": weight_word_layout(cfg),
             "align": align_word_layout(cfg), "bias": bias_word_layout(cfg),
             "quant": quant_word_layout(cfg), "gate": gate_word_layout(cfg),
+            "scale": scale_word_layout(cfg),
             "out": act_word_layout(cfg), "passed": passed_word_layout(cfg),
         }
         members = {
@@ -159,11 +185,13 @@ class DualEngine(wiring.Component):
     @staticmethod
     def out_stages(cfg: HwConfig) -> dict[str, int]:
         """Output pipeline: ``hb``: ``part_hb`` data (gate outcomes to the LsbBuffer);
-        ``sum``: ``acc_lb`` and bias, the sum is formed; ``rq``, ``act``: requantizer and
+        ``sum``: ``acc_lb``, the sum of both phases is formed; ``scale``: the
+        :class:`Scaler` inputs (sum, scale and bias); ``rq``, ``act``: requantizer and
         activation inputs; ``write``: the output word is written."""
         s = {"hb": 1}
         s["sum"] = s["hb"] + LsbBuffer.LATENCY
-        s["rq"] = s["sum"] + 1
+        s["scale"] = s["sum"] + 1
+        s["rq"] = s["scale"] + Scaler.LATENCY
         s["act"] = s["rq"] + Requantizer.LATENCY
         s["write"] = s["act"] + Activation.LATENCY
         return s
@@ -204,9 +232,14 @@ class DualEngine(wiring.Component):
             queue.raddr.eq(seq.q_raddr), seq.q_rdata.eq(queue.rdata),
         ]
 
+        # phase-2 digit: x & (2**L - 1); mode cg: the whole x (L = 0 for its phase 1 too)
         lsb_bits = Signal.like(d.lsb_bits)
         lb_mask = Signal(unsigned(mb - 1))
-        m.d.sync += [lsb_bits.eq(d.lsb_bits), lb_mask.eq((Const(1, unsigned(mb)) << d.lsb_bits) - 1)]
+        fbs = Signal()
+        m.d.sync += [lsb_bits.eq(d.lsb_bits),
+                     lb_mask.eq(Mux(d.mode == DualMode.CG, (1 << (mb - 1)) - 1,
+                                    (Const(1, unsigned(mb)) << d.lsb_bits) - 1)),
+                     fbs.eq(d.mode == DualMode.FBS)]
 
         # -- MAC pipeline ------------------------------------------------------------------
         tk = [seq.token]
@@ -215,7 +248,8 @@ class DualEngine(wiring.Component):
             m.d.sync += r.eq(tk[n - 1])
             tk.append(r)
 
-        for name in ("wgt", "align", "bias", "quant", "gate") + tuple(f"act{r}" for r in range(k)):
+        for name in (("wgt", "align", "bias", "scale", "quant", "gate")
+                     + tuple(f"act{r}" for r in range(k))):
             m.d.comb += getattr(self, name).en.eq(1)
         m.d.comb += [
             self.wgt.addr.eq(seq.wgt_addr),
@@ -263,7 +297,7 @@ class DualEngine(wiring.Component):
             with m.Switch(d.mode):
                 with m.Case(DualMode.FULL):
                     m.d.sync += passed[r].eq(1)
-                with m.Case(DualMode.GATED):
+                with m.Case(DualMode.GATED, DualMode.CG):
                     m.d.sync += passed[r].eq(val > g.threshold)
                 with m.Default():
                     m.d.sync += passed[r].eq(0)
@@ -301,20 +335,27 @@ class DualEngine(wiring.Component):
             lsbuf.ren.eq(o_hb.valid),
             lsbuf.first.eq(o_hb.first),
             lsbuf.flags.eq(hb_rd.data.passed),
-            self.bias.addr.eq(ot[ost["sum"] - 1].tile),
+            self.bias.addr.eq(ot[ost["scale"] - 1].tile),
+            self.scale.addr.eq(ot[ost["scale"] - 1].tile),
             self.quant.addr.eq(ot[ost["rq"] - 1].tile),
         ]
+        sw = scaled_shape(cfg).width
         for o in range(k):
             hb_s = Signal(acc_shape(cfg), name=f"out_hb{o}")
             total = Signal(acc_shape(cfg), name=f"out_sum{o}")
             m.d.sync += hb_s.eq(hb_rd.data.hb[o])
-            m.d.sync += total.eq(hb_s + lsbuf.lb[o] + self.bias.data[o])
-            rq = Requantizer(fmt, in_width=accw, shift_bits=cfg.shift_bits)
+            m.d.sync += total.eq(hb_s + lsbuf.lb[o])
+            sc = Scaler(in_width=accw, scale_bits=cfg.scale_bits, bias_width=accw, out_width=sw)
+            rq = Requantizer(fmt, in_width=sw, shift_bits=cfg.shift_bits)
             act = Activation(fmt)
+            m.submodules[f"sc{o}"] = sc
             m.submodules[f"rq{o}"] = rq
             m.submodules[f"act{o}"] = act
             m.d.comb += [
-                rq.i.eq(total),
+                sc.i.eq(total),
+                sc.scale.eq(Mux(fbs, self.scale.data[o], 1)),
+                sc.bias.eq(self.bias.data[o]),
+                rq.i.eq(sc.o),
                 rq.shift.eq(self.quant.data[o].acc),
                 act.i.eq(rq.o),
                 act.mode.eq(d.act),

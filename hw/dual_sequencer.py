@@ -1,5 +1,5 @@
-"""Phase sequencer of the dual-precision engine: per output tile, the MSB phase over all
-pixels, the LSB phase over the queued items in groups of K, and the output phase."""
+"""Phase sequencer of the dual-precision engine: per output tile, the first phase over all
+pixels, the second phase over the queued items in groups of K, and the output phase."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ __all__ = ["DualMode", "DualSequencer", "dual_desc_layout", "item_layout", "mac_
 SETUP_CYCLES = 2
 
 
-class DualMode(enum.Enum, shape=2):
-    """Precision mode of a dual-precision layer (rule G3)."""
+class DualMode(enum.Enum, shape=3):
+    """Mode of a dual-precision layer (rules G3, CG2, FBS2)."""
 
     GATED = 0   # Precision Gating: an output gets its LSB pass when its gate passes
     MSB = 1     # DFS low precision: no output gets the LSB pass
     FULL = 2    # every output gets the LSB pass (= the plain conv)
+    CG = 3      # Channel Gating: base input words, then the other words where the gate passes
+    FBS = 4     # FBS: one pass over the (host-compacted) layer, then the runtime scale
 
 
 def max_pixels(cfg: HwConfig) -> int:
@@ -41,7 +43,11 @@ def _geometry(cfg: HwConfig):
 
 def dual_desc_layout(cfg: HwConfig) -> data.StructLayout:
     """Layer descriptor of the dual-precision engine: the conv descriptor's geometry and
-    activation fields (no residual), ``lsb_bits`` L = act_bits - msb_bits and the mode."""
+    activation fields (no residual), ``lsb_bits`` L = act_bits - msb_bits (0 in modes ``CG``
+    and ``FBS``: both phases see the whole activation), the mode and, in mode ``CG``,
+    ``base_words`` (``nb = C/(p*K)`` input words per partition) and ``chunk_tiles``
+    (``(O/p)/K`` output tiles per partition). Other modes leave the last two 0, so their
+    packed descriptor is that of the descriptor without them."""
     dim = unsigned(bits_for(cfg.max_dim))
     k = unsigned(bits_for(cfg.max_kernel))
     return data.StructLayout({
@@ -57,8 +63,10 @@ def dual_desc_layout(cfg: HwConfig) -> data.StructLayout:
         "pad": k,
         "act": ActMode,
         "clamp_max": unsigned(cfg.mantissa_bits - 1),
-        "lsb_bits": unsigned(bits_for(cfg.mantissa_bits - 2)),  # L in [1, M - 2]
+        "lsb_bits": unsigned(bits_for(cfg.mantissa_bits - 2)),  # L in [0, M - 2]
         "mode": DualMode,
+        "base_words": unsigned(bits_for(cfg.max_in_words)),    # CG: nb
+        "chunk_tiles": unsigned(bits_for(cfg.max_tiles)),      # CG: tiles per partition
     })
 
 
@@ -108,19 +116,27 @@ class DualSequencer(wiring.Component):
     """Walks ``for t: [MSB: for pixel, ky, kx, cw] [LSB: for group, ky, kx, cw] [out: for
     pixel]`` and issues one step (or output pixel) per cycle.
 
-    * MSB phase: ``Ho*Wo*S`` steps, ``S = kh*kw*CW``; every row reads the same pixel.
+    * MSB phase: ``Ho*Wo*S1`` steps, ``S1 = kh*kw*n1``; every row reads the same pixel.
     * MSB drain: ``msb_drain`` cycles until the last pixel's items are in the queue (its
       ``count`` is final and its first group readable); the last of them loads group 0.
-    * LSB phase (only when ``count > 0``): ``ceil(count / K) * S`` steps; row r works on item
-      ``g*K + r`` (its kernel origin, padding and lane). The next group's items are read from
-      the queue while a group runs and loaded at its last step: no bubble between groups.
+    * LSB phase (only when ``count > 0``): ``ceil(count / K) * S2`` steps, ``S2 =
+      kh*kw*n2``; row r works on item ``g*K + r`` (its kernel origin, padding and lane). The
+      next group's items are read from the queue while a group runs and loaded at its last
+      step: no bubble between groups.
     * LSB drain: ``lsb_drain`` cycles until the last group's sums are written.
     * Output phase: ``Ho*Wo`` pixels; then the next tile's MSB phase starts at once (the output
       pipeline drains meanwhile).
 
-    Activation addresses stay incremental as in :class:`~dynacc.hw.address_gen.AddressGen`:
-    the kernel walk adds ``offset`` (+1 within a kernel row, ``(W - kw)*CW + 1`` at a new
-    one) to each row's kernel origin.
+    Input words of a phase: ``n`` words from a start word ``s``, circularly (``s, s+1, ...,
+    CW-1, 0, 1, ...``). Modes other than ``CG``: both phases ``s = 0``, ``n = CW``. Mode
+    ``CG`` (p partitions): tile t of partition ``j = t // chunk_tiles`` walks its base words
+    ``[j*nb, (j+1)*nb)`` in the first phase (``n1 = nb``) and the other ``n2 = CW - nb``
+    words from ``(j+1)*nb mod CW`` in the second.
+
+    Activation, weight and alignment addresses stay incremental as in
+    :class:`~dynacc.hw.address_gen.AddressGen`: +1 per word (``-(CW-1)`` where the walk wraps
+    to word 0), a run of ``n`` words per kernel position starts ``CW`` words after the
+    previous run (``(W - kw + 1)*CW`` at a new kernel row).
 
     Members
     -------
@@ -182,7 +198,7 @@ class DualSequencer(wiring.Component):
         steps = Signal(unsigned(bits_for(cfg.max_kernel ** 2 * cfg.max_in_words)))   # S
         pix_step = Signal(unsigned(bits_for(cfg.max_stride * cfg.max_in_words)))
         pad_cw = Signal(unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)))
-        row_skip = Signal(aw)
+        row_adv = Signal(aw)                   # (W - kw + 1)*CW: run start at a new kernel row
         row_step = Signal(aw)
         origin0 = Signal(aw)
         cw_max = Signal.like(d.in_words)
@@ -191,18 +207,32 @@ class DualSequencer(wiring.Component):
         t_max = Signal.like(d.out_tiles)
         ox_max = Signal.like(d.out_width)
         oy_max = Signal.like(d.out_height)
+        cg = Signal()
+        n1_max = Signal.like(d.in_words)       # words per run - 1, first phase
+        n2_max = Signal.like(d.in_words)       # second phase
+        chunk_max = Signal.like(d.chunk_tiles)
 
         # tile state
         t = Signal.like(d.out_tiles)
         wbase = Signal.like(self.wgt_addr)     # t*S
         abase = Signal.like(self.wgt_addr)     # t*CW
-        # kernel walk (shared by both phases)
+        b1 = Signal.like(d.in_words)           # first-phase start word of the tile
+        b2 = Signal.like(d.in_words)           # second-phase start word
+        tc = Signal.like(d.chunk_tiles)        # tile within its CG partition
+        # kernel walk (shared by both phases); a run = the n words of one kernel position
         ky = Signal.like(d.kernel_h)
         kx = Signal.like(d.kernel_w)
-        cw = Signal.like(d.in_words)
+        i = Signal.like(d.in_words)            # word within the run
+        cwv = Signal.like(d.in_words)          # input word
+        i_max = Signal.like(d.in_words)        # n - 1 of this phase
+        cs = Signal.like(d.in_words)           # start word of this phase
         offset = Signal(aw)
+        run_off = Signal(aw)                   # offset at the run start
         w_addr = Signal.like(self.wgt_addr)
+        w_run = Signal.like(self.wgt_addr)
+        w_first = Signal.like(self.wgt_addr)   # wbase + cs
         al_addr = Signal.like(self.wgt_addr)
+        al_first = Signal.like(self.wgt_addr)  # abase + cs
         # pixel walk (MSB and output phases)
         oy = Signal.like(d.out_height)
         ox = Signal.like(d.out_width)
@@ -220,10 +250,10 @@ class DualSequencer(wiring.Component):
         drain = Signal(range(max(self.msb_drain, self.lsb_drain) + 1))
         load = Signal()                            # rows <- q_rdata this cycle
 
-        last_cw = cw == cw_max
+        last_i = i == i_max
         last_kx = kx == kx_max
         last_ky = ky == ky_max
-        seq_end = last_cw & last_kx & last_ky
+        seq_end = last_i & last_kx & last_ky
         last_ox = ox == ox_max
         last_oy = oy == oy_max
         last_pix = last_ox & last_oy
@@ -234,7 +264,7 @@ class DualSequencer(wiring.Component):
         m.d.comb += [
             self.wgt_addr.eq(w_addr),
             tok.lsb.eq(lsb),
-            tok.first.eq((cw == 0) & (kx == 0) & (ky == 0)),
+            tok.first.eq((i == 0) & (kx == 0) & (ky == 0)),
             tok.last.eq(seq_end),
             tok.tile.eq(t),
             tok.align_addr.eq(al_addr),
@@ -255,22 +285,36 @@ class DualSequencer(wiring.Component):
                 tok.lane[r].eq(Mux(lsb, rows[r].lane, r)),
             ]
 
-        def kernel_reset():
-            m.d.sync += [ky.eq(0), kx.eq(0), cw.eq(0), offset.eq(0)]
+        def walk_start(start, w0, al0, n_max):
+            """A phase's walk from word ``start`` (``w0 = wbase + start``, ``al0 = abase +
+            start``), runs of ``n_max + 1`` words."""
+            m.d.sync += [ky.eq(0), kx.eq(0), i.eq(0), cwv.eq(start), cs.eq(start),
+                         offset.eq(start), run_off.eq(start), w_addr.eq(w0), w_run.eq(w0),
+                         w_first.eq(w0), al_addr.eq(al0), al_first.eq(al0), i_max.eq(n_max)]
 
         def kernel_step():
-            """One step of the kernel walk; at its end back to the start of the same tile."""
-            m.d.sync += w_addr.eq(w_addr + 1)
-            with m.If(~last_cw):
-                m.d.sync += [cw.eq(cw + 1), offset.eq(offset + 1), al_addr.eq(al_addr + 1)]
-            with m.Elif(~last_kx):
-                m.d.sync += [cw.eq(0), kx.eq(kx + 1), offset.eq(offset + 1), al_addr.eq(abase)]
-            with m.Elif(~last_ky):
-                m.d.sync += [cw.eq(0), kx.eq(0), ky.eq(ky + 1), offset.eq(offset + row_skip),
-                             al_addr.eq(abase)]
+            """One step of the kernel walk; at its end back to the start of the same phase."""
+            with m.If(~last_i):
+                m.d.sync += i.eq(i + 1)
+                with m.If(cwv == cw_max):     # wrap to word 0 (CG second phase only)
+                    m.d.sync += [cwv.eq(0), offset.eq(offset - cw_max),
+                                 w_addr.eq(w_addr - cw_max), al_addr.eq(abase)]
+                with m.Else():
+                    m.d.sync += [cwv.eq(cwv + 1), offset.eq(offset + 1),
+                                 w_addr.eq(w_addr + 1), al_addr.eq(al_addr + 1)]
             with m.Else():
-                kernel_reset()
-                m.d.sync += [w_addr.eq(wbase), al_addr.eq(abase)]
+                m.d.sync += [i.eq(0), cwv.eq(cs), al_addr.eq(al_first)]
+                with m.If(~last_kx):
+                    m.d.sync += [kx.eq(kx + 1), run_off.eq(run_off + d.in_words),
+                                 offset.eq(run_off + d.in_words),
+                                 w_run.eq(w_run + d.in_words), w_addr.eq(w_run + d.in_words)]
+                with m.Elif(~last_ky):
+                    m.d.sync += [kx.eq(0), ky.eq(ky + 1), run_off.eq(run_off + row_adv),
+                                 offset.eq(run_off + row_adv),
+                                 w_run.eq(w_run + d.in_words), w_addr.eq(w_run + d.in_words)]
+                with m.Else():
+                    m.d.sync += [kx.eq(0), ky.eq(0), run_off.eq(cs), offset.eq(cs),
+                                 w_run.eq(w_first), w_addr.eq(w_first)]
 
         def pixel_reset(tile, origin):
             m.d.sync += [oy.eq(0), ox.eq(0), iy_row.eq(-d.pad), ix_pix.eq(-d.pad),
@@ -287,13 +331,22 @@ class DualSequencer(wiring.Component):
                              iy_row.eq(iy_row + d.stride), row_origin.eq(row_origin + row_step),
                              pix_origin.eq(row_origin + row_step)]
 
-        def tile_start(tile, wb, ab, origin):
-            """Registers of the MSB phase of a tile (tile, weight and alignment bases)."""
-            m.d.sync += [t.eq(tile), wbase.eq(wb), abase.eq(ab), w_addr.eq(wb), al_addr.eq(ab),
-                         qnext.eq(0), group.eq(0)]
+        def tile_start(tile, origin):
+            """The MSB phase of a tile (``wbase``, ``abase``, ``b1`` are the tile's)."""
+            m.d.sync += [t.eq(tile), qnext.eq(0), group.eq(0)]
             m.d.comb += self.q_clear.eq(1)
-            kernel_reset()
+            walk_start(b1, wbase + b1, abase + b1, n1_max)
             pixel_reset(tile, origin)
+
+        def next_tile():
+            """Bases and CG start words of the next tile (on entering the output phase)."""
+            m.d.sync += [wbase.eq(wbase + steps), abase.eq(abase + d.in_words)]
+            with m.If(cg):
+                with m.If(tc == chunk_max):
+                    nxt = b2 + d.base_words
+                    m.d.sync += [tc.eq(0), b1.eq(b2), b2.eq(Mux(nxt == d.in_words, 0, nxt))]
+                with m.Else():
+                    m.d.sync += tc.eq(tc + 1)
 
         def load_rows():
             m.d.comb += load.eq(1)
@@ -306,6 +359,7 @@ class DualSequencer(wiring.Component):
                     m.next = "SETUP1"
             with m.State("SETUP1"):
                 m.d.comb += self.busy.eq(1)
+                is_cg = d.mode == DualMode.CG
                 m.d.sync += [
                     wcw.eq(d.width * d.in_words),
                     kwcw.eq(d.kernel_w * d.in_words),
@@ -318,18 +372,27 @@ class DualSequencer(wiring.Component):
                     t_max.eq(d.out_tiles - 1),
                     ox_max.eq(d.out_width - 1),
                     oy_max.eq(d.out_height - 1),
+                    cg.eq(is_cg),
+                    n1_max.eq(Mux(is_cg, d.base_words, d.in_words) - 1),
+                    n2_max.eq(Mux(is_cg, d.in_words - d.base_words, d.in_words) - 1),
+                    chunk_max.eq(d.chunk_tiles - 1),
+                    b1.eq(0),
+                    b2.eq(Mux(is_cg, d.base_words, 0)),
+                    tc.eq(0),
+                    wbase.eq(0),
+                    abase.eq(0),
                 ]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
                 m.d.comb += self.busy.eq(1)
                 origin = -(d.pad * wcw + pad_cw)
                 m.d.sync += [
-                    row_skip.eq(wcw - kwcw + 1),
+                    row_adv.eq(wcw - kwcw + d.in_words),
                     row_step.eq(d.stride * wcw),
                     origin0.eq(origin),
                     steps.eq(khkw * d.in_words),
                 ]
-                tile_start(0, 0, 0, origin)
+                tile_start(0, origin)
                 m.next = "MSB"
             with m.State("MSB"):
                 m.d.comb += [self.busy.eq(1), tok.valid.eq(1)]
@@ -342,9 +405,11 @@ class DualSequencer(wiring.Component):
             with m.State("MSB_DRAIN"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += drain.eq(drain - 1)
+                walk_start(b2, wbase + b2, abase + b2, n2_max)
                 with m.If(drain == 0):
                     with m.If(self.q_count == 0):
                         pixel_reset(t, origin0)
+                        next_tile()
                         m.next = "OUT"
                     with m.Else():
                         load_rows()
@@ -365,6 +430,7 @@ class DualSequencer(wiring.Component):
                 m.d.sync += drain.eq(drain - 1)
                 with m.If(drain == 0):
                     pixel_reset(t, origin0)
+                    next_tile()
                     m.next = "OUT"
             with m.State("OUT"):
                 ot = self.out_token
@@ -376,6 +442,6 @@ class DualSequencer(wiring.Component):
                     with m.If(last_t):
                         m.next = "IDLE"
                     with m.Else():
-                        tile_start(t + 1, wbase + steps, abase + d.in_words, origin0)
+                        tile_start(t + 1, origin0)
                         m.next = "MSB"
         return m

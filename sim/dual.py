@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from dynacc.hw.config import HwConfig, load_named
-from dynacc.hw.dual_engine import gate_word_layout, passed_word_layout
+from dynacc.hw.dual_engine import gate_word_layout, passed_word_layout, scale_word_layout
 from dynacc.hw.dual_program import DualLayer, DualProgram
 from dynacc.hw.dual_sequencer import dual_desc_layout
 from dynacc.hw.types import (act_word_layout, align_word_layout, bias_word_layout,
@@ -39,6 +39,7 @@ BENCH_MODULE = "dynacc.sim.benches.dual_bench"
 _LAYOUTS = {
     "act": act_word_layout, "wgt": weight_word_layout, "align": align_word_layout,
     "bias": bias_word_layout, "quant": quant_word_layout, "gate": gate_word_layout,
+    "scale": scale_word_layout,
 }
 
 

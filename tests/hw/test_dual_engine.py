@@ -11,7 +11,8 @@ from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
 from dynacc.hw.config import HwConfig
-from dynacc.hw.dual_engine import DualEngine, gate_word_layout, passed_word_layout
+from dynacc.hw.dual_engine import (DualEngine, gate_word_layout, passed_word_layout,
+                                   scale_word_layout)
 from dynacc.hw.dual_program import DualLayer, DualProgram
 from dynacc.hw.dual_sequencer import dual_desc_layout
 from dynacc.hw.types import (act_word_layout, align_word_layout, bias_word_layout,
@@ -19,7 +20,8 @@ from dynacc.hw.types import (act_word_layout, align_word_layout, bias_word_layou
 from dynacc.sim.memfile import pack_words, unpack_words
 
 LAYOUTS = {"act": act_word_layout, "wgt": weight_word_layout, "align": align_word_layout,
-           "bias": bias_word_layout, "quant": quant_word_layout, "gate": gate_word_layout}
+           "bias": bias_word_layout, "quant": quant_word_layout, "gate": gate_word_layout,
+           "scale": scale_word_layout}
 
 
 def _words(values: np.ndarray, layout) -> list[int]:
@@ -154,3 +156,31 @@ def test_engine_pysim_odd_config():
     y, p = layer.golden(cfg.fmt)
     assert (passed == p).all() and (out == y).all()
     assert cycles == DualProgram(layer, cfg).cycles(p)
+
+
+CG_FBS = {
+    # CW = 2, one base word per tile, the second phase wraps to word 0 in partition 0
+    "cg_p2": dict(c=8, o=8, h=4, w=3, k=3, padding=1, partitions=2, pass_fraction=0.4),
+    # CW = 4, nb = 1, one tile per partition, stride 2
+    "cg_p4_stride2": dict(c=16, o=16, h=3, w=3, k=3, stride=2, padding=1, partitions=4,
+                          pass_fraction=0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CG_FBS) + ["fbs"])
+def test_engine_pysim_cg_fbs(case):
+    """Channel Gating (base words, then the other words of the passing outputs) and a
+    compacted FBS layer (one pass, runtime scale)."""
+    from dynacc.sim.dual_layers import random_cg_layer, random_fbs_layer
+
+    if case == "fbs":
+        layer = random_fbs_layer(case, CFG.fmt, c=10, o=9, h=4, w=3, k=3, padding=1,
+                                 density_in=0.75, density_out=0.8, seed=3)
+    else:
+        layer = random_cg_layer(case, CFG.fmt, seed=len(case), **CG_FBS[case])
+    out, passed, cycles = run_dual_pysim(layer, CFG)
+    y, p = layer.golden(CFG.fmt)
+    assert (passed == p).all() and (out == y).all()
+    if layer.mode == "cg":
+        assert p.any() and not p.all()
+    assert cycles == DualProgram(layer, CFG).cycles(p)

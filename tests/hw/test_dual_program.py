@@ -68,7 +68,8 @@ def test_images_and_descriptor():
     layer = _layer(o=5)
     prog = DualProgram(layer, CFG)
     imgs = prog.images()
-    assert set(imgs) == {"act", "wgt", "align", "bias", "quant", "gate"}
+    assert set(imgs) == {"act", "wgt", "align", "bias", "quant", "gate", "scale"}
+    assert (imgs["scale"] == 1).all()          # unused outside mode fbs
     gate = imgs["gate"].reshape(prog.tiles * CFG.lanes, 2)
     o = layer.out_channels
     assert (gate[:o, 0] == np.asarray(layer.threshold)).all()
@@ -77,6 +78,7 @@ def test_images_and_descriptor():
     assert (gate[o:, 0] == (1 << (CFG.acc_bits - 1)) - 1).all() and (gate[o:, 1] == 0).all()
     assert prog.desc["lsb_bits"] == layer.act_bits - layer.msb_bits
     assert prog.desc["mode"] == 0 and "residual" not in prog.desc
+    assert "base_words" not in prog.desc and "chunk_tiles" not in prog.desc
     for mode, code in (("msb", 1), ("full", 2)):
         assert DualProgram(dataclasses.replace(layer, mode=mode), CFG).desc["mode"] == code
 
