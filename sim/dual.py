@@ -1,12 +1,16 @@
 """Run dual-precision conv layers on the RTL engine (Verilator + cocotb) and check them
-against the golden model (:func:`dynacc.quant.golden.dual_precision_conv2d`).
+against the golden model (:meth:`DualLayer.golden`: PG / DFS, Channel Gating, FBS).
 
 >>> r = run_dual_layers([layer], "dual")[0]                      # doctest: +SKIP
 >>> check_dual_result(layer, r, cfg)                             # doctest: +SKIP
+>>> verify_dual_layers([pg_layer, cg_layer, fbs_layer], "dual")  # doctest: +SKIP
+>>> outs = run_fbs_cases(cases, "dual")                          # doctest: +SKIP
 
 All layers of a call run in one simulator process (one launch, memories reloaded per layer).
 The RTL returns the output words, the gate outcome of every output (the engine's ``passed``
-port) and its cycle counter.
+port) and its cycle counter. :func:`run_fbs_cases` takes dense FBS layers of one image each
+(the arguments of :func:`dynacc.hw.fbs_layer.compact_fbs_layer`), runs their compacted
+layers and expands the outputs.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from dynacc.hw.config import HwConfig, load_named
 from dynacc.hw.dual_engine import gate_word_layout, passed_word_layout, scale_word_layout
 from dynacc.hw.dual_program import DualLayer, DualProgram
+from dynacc.hw.fbs_layer import compact_fbs_layer, expand_fbs_output, fbs_out_size
 from dynacc.hw.dual_sequencer import dual_desc_layout
 from dynacc.hw.types import (act_word_layout, align_word_layout, bias_word_layout,
                              quant_word_layout, weight_word_layout)
@@ -31,7 +36,7 @@ from .conv import MAKE_VARS, check_conv_output, finish_run_dir, write_layer_case
 from .memfile import read_mem
 
 __all__ = ["DualResult", "build_dual_engine", "run_dual_layers", "check_dual_result",
-           "verify_dual_layers"]
+           "verify_dual_layers", "FbsRun", "run_fbs_cases", "FBS_CASE_FIELDS"]
 
 
 BENCH_MODULE = "dynacc.sim.benches.dual_bench"
@@ -124,3 +129,49 @@ def verify_dual_layers(layers: Sequence[DualLayer], cfg: HwConfig | str = "dual"
     for layer, r in zip(layers, results):
         check_dual_result(layer, r, cfg)
     return results
+
+
+#: keyword arguments of :func:`dynacc.hw.fbs_layer.compact_fbs_layer` read from an FBS case
+FBS_CASE_FIELDS = ("name", "x", "x_lsb", "w", "w_lsb", "bias", "scale", "scale_lsb",
+                   "active_in", "active_out", "out_lsb", "stride", "padding", "activation",
+                   "clamp_max", "act_bits")
+
+
+@dataclasses.dataclass(frozen=True)
+class FbsRun:
+    name: str
+    out: np.ndarray                # [O, Ho, Wo] int64, zeros at the inactive output channels
+    layer: DualLayer | None        # the compacted layer (None: no active output, nothing ran)
+    result: DualResult | None      # its RTL run
+
+
+def run_fbs_cases(cases: Sequence[Mapping[str, Any]], cfg: HwConfig | str = "dual", *,
+                  check: bool = True, keep: bool | None = None) -> list[FbsRun]:
+    """Compact each dense FBS case (a mapping with :data:`FBS_CASE_FIELDS`, e.g. from
+    ``quant.fbs_program.fbs_layer_cases``; other keys are ignored), run the compacted layers
+    in one simulator process and expand their outputs to ``[O, Ho, Wo]``. A case with no
+    active output runs nothing (all zeros).
+
+    With ``check``: every compacted layer is checked as :func:`check_dual_result` does
+    (outputs, gate outcomes, cycles), and a case's ``expected`` (dense ``[O, Ho, Wo]``), when
+    given, is compared with ``==`` to the expanded output (``AssertionError`` naming it)."""
+    cfg = _cfg(cfg)
+    layers = [compact_fbs_layer(**{f: c[f] for f in FBS_CASE_FIELDS}) for c in cases]
+    ran = [l for l in layers if l is not None]
+    results = iter(run_dual_layers(ran, cfg, keep=keep) if ran else [])
+    runs = []
+    for case, layer in zip(cases, layers):
+        r = None if layer is None else next(results)
+        if r is None:
+            size = fbs_out_size(np.shape(case["x"]), np.shape(case["w"]), int(case["stride"]),
+                                int(case["padding"]))
+            out = expand_fbs_output(None, np.asarray(case["active_out"]), size)
+        else:
+            if check:
+                check_dual_result(layer, r, cfg)
+            out = expand_fbs_output(r.out, np.asarray(case["active_out"]))
+        if check and case.get("expected") is not None:
+            check_conv_output(f"{case['name']} (expanded FBS output)", out,
+                              np.asarray(case["expected"], dtype=np.int64))
+        runs.append(FbsRun(str(case["name"]), out, layer, r))
+    return runs

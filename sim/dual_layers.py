@@ -169,6 +169,13 @@ class FbsDense:
                                  self.out_lsb, self.stride, self.padding, self.activation,
                                  self.clamp_max, self.act_bits)
 
+    def case(self, fmt: BFPFormat) -> dict:
+        """The fields as a mapping plus ``expected`` (:meth:`golden`): an FBS case of
+        :func:`dynacc.sim.dual.run_fbs_cases`."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["expected"] = self.golden(fmt)
+        return d
+
     def golden(self, fmt: BFPFormat) -> np.ndarray:
         """The dense layer's output ``[O, Ho, Wo]`` from
         :func:`dynacc.quant.golden.fbs_conv2d` (inactive outputs 0), requantized with
