@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, save_checkpoint
-from .flow import calibrate_and_evaluate, load_data, prepare_float_model
+from .flow import DataSplits, calibrate_and_evaluate, load_data, prepare_float_model
 from .formats import QuantConfig
 from .models import list_models
 
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_train_pg(sub)
     _add_train_dfs(sub)
+    _add_train_cg(sub)
     return p
 
 
@@ -81,6 +82,36 @@ def _add_program_args(c: argparse.ArgumentParser, method_help: str) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
 
 
+#: the float backbones train-pg / train-dfs / train-cg gate (CIFAR ResNets, option-B shortcuts)
+_GATED_BACKBONES = ("resnet20", "resnet38", "resnet74")
+
+
+def _check_backbone(args: argparse.Namespace, technique: str) -> None:
+    if args.model not in _GATED_BACKBONES:
+        raise ValueError(f"unknown model {args.model!r} for {technique}; known: "
+                         f"{', '.join(_GATED_BACKBONES)}")
+
+
+def _load_backbone(args: argparse.Namespace
+                   ) -> tuple[torch.nn.Module, DataSplits, dict[str, int], float]:
+    """The float backbone of :func:`_add_backbone_args`: the cached digits model, else
+    ``--checkpoint`` (or ``--float-epochs`` of training) on ``--data``. Returns ``(model,
+    splits, model kwargs, float test accuracy in percent)``."""
+    from .flow import cached_digits_model
+    from .train import evaluate
+
+    if args.data == "digits" and args.checkpoint is None:
+        float_model, splits = cached_digits_model(args.model, seed=args.seed,
+                                                  progress=not args.quiet)
+    else:
+        splits = load_data(args.model, args.data, args.data_root, seed=args.seed)
+        float_model, _ = prepare_float_model(args.model, splits, args.checkpoint,
+                                             args.float_epochs, args.seed,
+                                             progress=not args.quiet)
+    kwargs = {"num_classes": splits.num_classes, "in_channels": splits.shape[0]}
+    return float_model, splits, kwargs, evaluate(float_model, splits.test)
+
+
 def _add_train_pg(sub: argparse._SubParsersAction) -> None:
     """``train-pg``: Precision Gating fine-tuning -> dual-precision integer program."""
     c = sub.add_parser("train-pg", help="fine-tune a float CIFAR ResNet with Precision Gating, "
@@ -107,31 +138,18 @@ def _add_train_pg(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_pg(args: argparse.Namespace) -> int:
-    from .flow import cached_digits_model, calibration_batches
+    from .flow import calibration_batches
     from .formats import BFPFormat
     from .models.pg_resnet import pg_resnet_from_float
     from .pg import check_pg_bits
     from .pg_program import build_pg_program, program_pg_stats, to_float_model
-    from .train import evaluate
     from .train_pg import pg_stats, train_pg
 
     try:
-        pg_models = ("resnet20", "resnet38", "resnet74")
-        if args.model not in pg_models:
-            raise ValueError(f"unknown model {args.model!r} for Precision Gating; known: "
-                             f"{', '.join(pg_models)}")
+        _check_backbone(args, "Precision Gating")
         cfg = QuantConfig(fmt=BFPFormat(args.mantissa, args.exponent_bits), method=args.method)
         check_pg_bits(args.act_bits, args.msb_bits, cfg.fmt)
-        if args.data == "digits" and args.checkpoint is None:
-            float_model, splits = cached_digits_model(args.model, seed=args.seed,
-                                                      progress=not args.quiet)
-        else:
-            splits = load_data(args.model, args.data, args.data_root, seed=args.seed)
-            float_model, _ = prepare_float_model(args.model, splits, args.checkpoint,
-                                                 args.float_epochs, args.seed,
-                                                 progress=not args.quiet)
-        kwargs = {"num_classes": splits.num_classes, "in_channels": splits.shape[0]}
-        fp_acc = evaluate(float_model, splits.test)
+        float_model, splits, kwargs, fp_acc = _load_backbone(args)
         settings = {"act_bits": args.act_bits, "msb_bits": args.msb_bits, "alpha": args.alpha,
                     "sparse_bp": not args.no_sparse_bp}
         pg = pg_resnet_from_float(float_model, cfg=cfg, **settings)
@@ -201,15 +219,12 @@ def _add_train_dfs(sub: argparse._SubParsersAction) -> None:
 def _train_dfs(args: argparse.Namespace) -> int:
     from .dfs import parse_options
     from .dfs_program import build_dfs_program, dfs_golden_stats, save_dfs_checkpoint
-    from .flow import cached_digits_model, calibration_batches
+    from .flow import calibration_batches
     from .formats import BFPFormat
-    from .train import evaluate
     from .train_dfs import dfs_stats, make_dfs_model, train_dfs, train_gate_full
 
     try:
-        dfs_models = ("resnet20", "resnet38", "resnet74")
-        if args.model not in dfs_models:
-            raise ValueError(f"unknown model {args.model!r} for DFS; known: {', '.join(dfs_models)}")
+        _check_backbone(args, "DFS")
         opts = parse_options(args.options)
         if not 0 < args.target_cp <= 100:
             raise ValueError(f"--target-cp must be in (0, 100], got {args.target_cp:g}")
@@ -219,16 +234,7 @@ def _train_dfs(args: argparse.Namespace) -> int:
         if opts.act_bits > cfg.fmt.mantissa_bits - 1:
             raise ValueError(f"option {opts.act_bits} bits does not fit --mantissa "
                              f"{args.mantissa} (needs b <= M - 1)")
-        if args.data == "digits" and args.checkpoint is None:
-            float_model, splits = cached_digits_model(args.model, seed=args.seed,
-                                                      progress=not args.quiet)
-        else:
-            splits = load_data(args.model, args.data, args.data_root, seed=args.seed)
-            float_model, _ = prepare_float_model(args.model, splits, args.checkpoint,
-                                                 args.float_epochs, args.seed,
-                                                 progress=not args.quiet)
-        kwargs = {"num_classes": splits.num_classes, "in_channels": splits.shape[0]}
-        fp_acc = evaluate(float_model, splits.test)
+        float_model, splits, kwargs, fp_acc = _load_backbone(args)
         calib = calibration_batches(splits.train, args.calib_images)
         model = make_dfs_model(float_model, opts, calib, cfg.fmt, args.seed)
         if args.gate_epochs:
@@ -266,6 +272,101 @@ def _train_dfs(args: argparse.Namespace) -> int:
                                                                  dtype=torch.float64))
     print("CP per input (fake-quant, test split): min {:.1f}, p10 {:.1f}, median {:.1f}, "
           "p90 {:.1f}, max {:.1f} %".format(*q.tolist()))
+    print(f"saved {out}")
+    return 0
+
+
+def _add_train_cg(sub: argparse._SubParsersAction) -> None:
+    """``train-cg``: Channel Gating fine-tuning -> channel-gated integer program."""
+    from .train_cg import CG_TRAIN_DEFAULTS as d
+
+    c = sub.add_parser("train-cg", help="fine-tune a float CIFAR ResNet with Channel Gating, "
+                                        "build its channel-gated integer program, save")
+    c.set_defaults(handler=_train_cg)
+    _add_backbone_args(c)
+    c.add_argument("--partitions", type=int, default=4,
+                   help="partitions p: the base phase reads C/p of the C input channels "
+                        "(default: %(default)s)")
+    c.add_argument("--act-bits", type=int, default=8,
+                   help="unsigned input bits of the CG convs (default: %(default)s)")
+    c.add_argument("--threshold-init", type=float, default=d["threshold_init"],
+                   help="initial threshold Δ, CG's -gi (default: %(default)s)")
+    c.add_argument("--target", "--gate-target", dest="gate_target", type=float,
+                   default=d["gate_target"],
+                   help="gating-loss target of the thresholds, CG's -gtar (default: %(default)s)")
+    c.add_argument("--sigma-g", type=float, default=d["sigma_g"],
+                   help="weight of the squared gating loss (default: %(default)s)")
+    c.add_argument("--threshold-lr-scale", type=float, default=d["threshold_lr_scale"],
+                   help="learning-rate multiplier of the thresholds (default: %(default)s)")
+    c.add_argument("--no-sparse-bp", action="store_true", help="dense gate back-propagation")
+    c.add_argument("--alpha", type=float, default=6.0, help="initial PACT clip (default: %(default)s)")
+    c.add_argument("--epochs", type=int, default=d["epochs"],
+                   help="CG fine-tuning epochs (default: %(default)s)")
+    c.add_argument("--lr", type=float, default=d["lr"], help="learning rate (default: %(default)s)")
+    _add_program_args(c, "exponent method of the non-CG tensors")
+    c.add_argument("--eval-images", type=int, default=0,
+                   help="test images of the accuracy and gate statistics, 0 = the whole test "
+                        "split (default: %(default)s)")
+    c.add_argument("--out", default=None, metavar="FILE",
+                   help="output checkpoint (default: build/<model>/<model>-<data>-cg-p<p>.pt)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_cg(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader, Subset
+
+    from .cg import check_cg_partitions
+    from .cg_program import build_cg_program, program_cg_stats, to_float_model
+    from .flow import calibration_batches
+    from .formats import BFPFormat
+    from .models.cg_resnet import cg_layer_channels, cg_resnet_from_float
+    from .pg import check_pg_bits
+    from .train_cg import cg_stats, train_cg
+
+    try:
+        _check_backbone(args, "Channel Gating")
+        blocks = (int(args.model.removeprefix("resnet")) - 2) // 6
+        check_cg_partitions(args.partitions, cg_layer_channels(blocks))
+        cfg = QuantConfig(fmt=BFPFormat(args.mantissa, args.exponent_bits), method=args.method)
+        check_pg_bits(args.act_bits, None, cfg.fmt)
+        if args.epochs < 0 or args.eval_images < 0:
+            raise ValueError("--epochs and --eval-images must be >= 0")
+        float_model, splits, kwargs, fp_acc = _load_backbone(args)
+        test = splits.test
+        if args.eval_images:
+            test = DataLoader(Subset(test.dataset, range(min(args.eval_images, len(test.dataset)))),
+                              batch_size=test.batch_size or 64)
+        settings = {"partitions": args.partitions, "act_bits": args.act_bits,
+                    "alpha": args.alpha, "sparse_bp": not args.no_sparse_bp}
+        cg = cg_resnet_from_float(float_model, cfg=cfg, threshold_init=args.threshold_init,
+                                  **settings)
+        train_cg(cg, splits, epochs=args.epochs, lr=args.lr, gate_target=args.gate_target,
+                 sigma_g=args.sigma_g, sparse_bp=not args.no_sparse_bp, seed=args.seed,
+                 progress=not args.quiet, threshold_lr_scale=args.threshold_lr_scale)
+        program = build_cg_program(cg, calibration_batches(splits.train, args.calib_images),
+                                   cfg, progress=not args.quiet)
+        st = cg_stats(cg, test)
+        gst = program_cg_stats(program, test)
+        res = {"fp_acc": fp_acc, "cg_acc": st["acc"], "bfp_acc": gst["acc"],
+               "sparsity": gst["sparsity"], "flop_reduction": gst["flop_reduction"],
+               "cg_flop_reduction": gst["cg_flop_reduction"], "cg_sparsity": st["sparsity"]}
+        out = Path(args.out or f"build/{args.model}/{args.model}-{args.data}-cg-p{args.partitions}.pt")
+        save_checkpoint(out, args.model, kwargs, to_float_model(cg), program,
+                        meta={"dataset": args.data, **res, "quant": cfg.to_dict(),
+                              "calib_images": args.calib_images, "technique": "cg",
+                              "cg": {**settings, "threshold_init": args.threshold_init,
+                                     "gate_target": args.gate_target, "sigma_g": args.sigma_g,
+                                     "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
+                                     "threshold_lr_scale": args.threshold_lr_scale,
+                                     "eval_images": args.eval_images},
+                              "cg_state_dict": cg.state_dict()})
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model} on {args.data}, CG p={args.partitions} a{args.act_bits} M={args.mantissa}: "
+          f"FP {fp_acc:.2f} %  CG (fake-quant) {st['acc']:.2f} %  golden integer {gst['acc']:.2f} %  "
+          f"update sparsity {100 * gst['sparsity']:.1f} %  FLOP reduction "
+          f"{gst['cg_flop_reduction']:.2f}x on the CG layers, {gst['flop_reduction']:.2f}x whole net")
     print(f"saved {out}")
     return 0
 

@@ -44,6 +44,13 @@ class QuantOp:
     ``[O, n_blocks]``, ``w_lsb`` ``[O, C/groups]``, ``acc_lsb`` ``[O]``, ``shift`` alignment
     ``[O, C/groups]``, ``bias`` on ``acc_lsb``, ``joint_lsb`` (add), ``clamp_max`` (relu6, per
     channel). ``out_lsb`` is per output channel, ``None`` for a raw-accumulator output.
+
+    A conv on the dual-precision engine has ``dp_act_bits`` set (its unsigned input width, rule
+    G0), a gate ``dp_threshold``/``dp_sign`` per filter in accumulator units and ``dp_mode``.
+    Precision Gating and DFS split the input **bits** (``dp_msb_bits``, rules G1-G4,
+    ``cg_partitions = None``); Channel Gating splits the input **channels** into
+    ``cg_partitions`` block-diagonal groups (rules CG1-CG3, ``dp_msb_bits = None``; mode
+    ``msb`` is the base phase only, ``full`` the plain conv).
     """
 
     name: str
@@ -69,10 +76,16 @@ class QuantOp:
     dp_threshold: torch.Tensor | None = None
     dp_sign: torch.Tensor | None = None
     dp_mode: str = "gated"
+    # Channel Gating (rules CG1-CG3): partitions p of the base phase; None for PG / DFS / plain
+    cg_partitions: int | None = None
 
     @property
     def dual_precision(self) -> bool:
         return self.dp_act_bits is not None
+
+    @property
+    def channel_gated(self) -> bool:
+        return self.cg_partitions is not None
 
 
 def quant_points(graph: FloatGraph) -> dict[str, list[str]]:
@@ -188,8 +201,21 @@ class BFPProgram:
 
     def dual_precision_acc(self, o: QuantOp, x: torch.Tensor, mode: str | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulator and gate outcomes of dual-precision conv ``o`` (rules G1-G4) in mode
-        ``mode`` (default: the op's own ``dp_mode``). Returns ``(acc, passed)``."""
+        """Accumulator and gate outcomes of dual-precision conv ``o`` (rules G1-G4, or CG1-CG3
+        for a channel-gated op) in mode ``mode`` (default: the op's own ``dp_mode``).
+        Returns ``(acc, passed)``."""
+        if o.channel_gated:
+            top = (1 << o.dp_act_bits) - 1
+            if o.groups != 1:
+                raise ValueError(f"layer {o.name!r}: a channel-gated conv must be dense (groups=1)")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) > top):
+                raise ValueError(f"layer {o.name!r}: channel-gated input outside [0, {top}] "
+                                 f"(rule G0; min {int(x.min())}, max {int(x.max())})")
+            acc, passed, _ = golden.channel_gated_conv2d(
+                x, self.lsb[o.inputs[0]], o.weight, o.w_lsb, o.bias, partitions=o.cg_partitions,
+                threshold=o.dp_threshold, sign=o.dp_sign, mode=mode or o.dp_mode,
+                stride=o.stride, padding=o.padding)
+            return acc, passed
         acc, passed, _ = golden.dual_precision_conv2d(
             x, self.lsb[o.inputs[0]], o.weight, o.w_lsb, o.bias, act_bits=o.dp_act_bits,
             msb_bits=o.dp_msb_bits, threshold=o.dp_threshold, sign=o.dp_sign,
