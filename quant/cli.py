@@ -112,6 +112,25 @@ def _load_backbone(args: argparse.Namespace
     return float_model, splits, kwargs, evaluate(float_model, splits.test)
 
 
+def _add_gate_training_args(c: argparse.ArgumentParser, technique: str, sigma_help: str,
+                            target_flags: tuple[str, ...] = ("--gate-target",),
+                            gate_target: float = 1.0, sigma_g: float = 0.05,
+                            threshold_lr_scale: float = 100.0, epochs: int = 3,
+                            lr: float = 0.01) -> None:
+    """Fine-tuning arguments of train-pg / train-cg: a gating loss pulls the thresholds to a
+    target; the defaults fine-tune a trained float backbone for a few epochs."""
+    c.add_argument(*target_flags, dest="gate_target", type=float, default=gate_target,
+                   help="gating-loss target of the thresholds (default: %(default)s)")
+    c.add_argument("--sigma-g", type=float, default=sigma_g, help=sigma_help)
+    c.add_argument("--threshold-lr-scale", type=float, default=threshold_lr_scale,
+                   help="learning-rate multiplier of the thresholds (default: %(default)s)")
+    c.add_argument("--no-sparse-bp", action="store_true", help="dense gate back-propagation")
+    c.add_argument("--alpha", type=float, default=6.0, help="initial PACT clip (default: %(default)s)")
+    c.add_argument("--epochs", type=int, default=epochs,
+                   help=f"{technique} fine-tuning epochs (default: %(default)s)")
+    c.add_argument("--lr", type=float, default=lr, help="learning rate (default: %(default)s)")
+
+
 def _add_train_pg(sub: argparse._SubParsersAction) -> None:
     """``train-pg``: Precision Gating fine-tuning -> dual-precision integer program."""
     c = sub.add_parser("train-pg", help="fine-tune a float CIFAR ResNet with Precision Gating, "
@@ -121,16 +140,8 @@ def _add_train_pg(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--act-bits", type=int, default=3, help="PG activation bits b (default: %(default)s)")
     c.add_argument("--msb-bits", type=int, default=2,
                    help="MSB bits of the prediction phase (default: %(default)s)")
-    c.add_argument("--gate-target", type=float, default=1.0,
-                   help="gating-loss target of the thresholds (default: %(default)s)")
-    c.add_argument("--sigma-g", type=float, default=0.05,
-                   help="gating-loss weight σ_g (default: %(default)s; PG's 1e-3 needs ~200 epochs)")
-    c.add_argument("--threshold-lr-scale", type=float, default=100.0,
-                   help="learning-rate multiplier of the thresholds (default: %(default)s)")
-    c.add_argument("--no-sparse-bp", action="store_true", help="dense gate back-propagation")
-    c.add_argument("--alpha", type=float, default=6.0, help="initial PACT clip (default: %(default)s)")
-    c.add_argument("--epochs", type=int, default=3, help="PG fine-tuning epochs (default: %(default)s)")
-    c.add_argument("--lr", type=float, default=0.01, help="learning rate (default: %(default)s)")
+    _add_gate_training_args(c, "PG", "gating-loss weight σ_g (default: %(default)s; PG's 1e-3 "
+                                     "needs ~200 epochs)")
     _add_program_args(c, "exponent method of the non-PG tensors")
     c.add_argument("--out", default=None, metavar="FILE",
                    help="output checkpoint (default: build/<model>/<model>-<data>-pg<b>-<msb>.pt)")
@@ -291,18 +302,11 @@ def _add_train_cg(sub: argparse._SubParsersAction) -> None:
                    help="unsigned input bits of the CG convs (default: %(default)s)")
     c.add_argument("--threshold-init", type=float, default=d["threshold_init"],
                    help="initial threshold Δ, CG's -gi (default: %(default)s)")
-    c.add_argument("--target", "--gate-target", dest="gate_target", type=float,
-                   default=d["gate_target"],
-                   help="gating-loss target of the thresholds, CG's -gtar (default: %(default)s)")
-    c.add_argument("--sigma-g", type=float, default=d["sigma_g"],
-                   help="weight of the squared gating loss (default: %(default)s)")
-    c.add_argument("--threshold-lr-scale", type=float, default=d["threshold_lr_scale"],
-                   help="learning-rate multiplier of the thresholds (default: %(default)s)")
-    c.add_argument("--no-sparse-bp", action="store_true", help="dense gate back-propagation")
-    c.add_argument("--alpha", type=float, default=6.0, help="initial PACT clip (default: %(default)s)")
-    c.add_argument("--epochs", type=int, default=d["epochs"],
-                   help="CG fine-tuning epochs (default: %(default)s)")
-    c.add_argument("--lr", type=float, default=d["lr"], help="learning rate (default: %(default)s)")
+    _add_gate_training_args(c, "CG", "weight of the squared gating loss (default: %(default)s; "
+                                     "CG's 1e-4 needs ~250 epochs)",
+                            target_flags=("--target", "--gate-target"),
+                            **{k: d[k] for k in ("gate_target", "sigma_g", "threshold_lr_scale",
+                                                 "epochs", "lr")})
     _add_program_args(c, "exponent method of the non-CG tensors")
     c.add_argument("--eval-images", type=int, default=0,
                    help="test images of the accuracy and gate statistics, 0 = the whole test "

@@ -332,7 +332,7 @@ def test_program_tracks_float_cg_model(tiny_program):
     fm = to_float_model(cg)                            # the full conv1, no gate
     assert set(fm.state_dict()) == set(CifarResNet(1, 10, 1).state_dict())
     assert torch.equal(fm.layer2[0].conv1.weight, cg.layer2[0].conv1.weight)
-    assert fm.layer2[0].relu2.max_val == float(cg.layer2[0].relu2.alpha)
+    assert fm.layer2[0].relu2.max_val == float(cg.layer2[0].relu2.alpha.detach())
 
 
 def test_flop_summary_definitions():
