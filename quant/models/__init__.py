@@ -2,6 +2,7 @@
 
 Models
     ``digits_net``                      small CNN for 8x8 scikit-learn digits
+    ``fbs_cnn``                         plain 8-conv CNN, the dense backbone of FBS (digits)
     ``resnet20``/``resnet38``/``resnet74``  CIFAR ResNets (16/32/64 channels)
     ``resnet18``/``resnet50``           ImageNet ResNets, torchvision state_dict layout
     ``mobilenet_v2``                    ImageNet MobileNetV2, torchvision state_dict layout
@@ -28,6 +29,7 @@ from typing import Callable
 from torch import nn
 
 from .digits_net import DigitsNet, digits_net
+from .fbs_cnn import FBSCNN, fbs_cnn
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
 from .resnet_cifar import CifarResNet, resnet20, resnet38, resnet74
 from .resnet_imagenet import ResNet, resnet18, resnet50
@@ -35,12 +37,14 @@ from .resnet_imagenet import ResNet, resnet18, resnet50
 __all__ = [
     "MODELS", "DEFAULT_DATASET", "DATASET_NUM_CLASSES",
     "build_model", "list_models", "input_shape",
-    "DigitsNet", "CifarResNet", "ResNet", "MobileNetV2",
-    "digits_net", "resnet20", "resnet38", "resnet74", "resnet18", "resnet50", "mobilenet_v2",
+    "DigitsNet", "FBSCNN", "CifarResNet", "ResNet", "MobileNetV2",
+    "digits_net", "fbs_cnn", "resnet20", "resnet38", "resnet74", "resnet18", "resnet50",
+    "mobilenet_v2",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_net": digits_net,
+    "fbs_cnn": fbs_cnn,
     "resnet20": resnet20,
     "resnet38": resnet38,
     "resnet74": resnet74,
@@ -52,6 +56,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 #: The dataset each model is designed for.
 DEFAULT_DATASET: dict[str, str] = {
     "digits_net": "digits",
+    "fbs_cnn": "digits",
     "resnet20": "cifar10",
     "resnet38": "cifar10",
     "resnet74": "cifar10",

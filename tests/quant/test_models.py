@@ -15,6 +15,7 @@ from dynacc.quant.models import (
 # Small test inputs (C, H, W) per model: ImageNet models at 64x64 for speed.
 TEST_INPUT = {
     "digits_net": (1, 8, 8),
+    "fbs_cnn": (1, 16, 16),
     "resnet20": (3, 32, 32),
     "resnet38": (3, 32, 32),
     "resnet74": (3, 32, 32),
