@@ -75,8 +75,8 @@ class CGConv2d(nn.Conv2d):
         check_cg_partitions(partitions, [(name or "CGConv2d", in_channels, out_channels)])
         self.partitions, self.act_bits = partitions, act_bits
         self.sparse_bp, self.gate_slope = sparse_bp, gate_slope
-        self.register_buffer("base_mask", golden.cg_base_mask(out_channels, in_channels, partitions),
-                             persistent=False)
+        mask = golden.cg_base_mask(out_channels, in_channels, partitions)   # [O, C] bool
+        self.register_buffer("base_mask", mask, persistent=False)
         self.bn_gate = nn.BatchNorm2d(out_channels, affine=False)
         self.threshold = nn.Parameter(torch.full((out_channels,), float(threshold_init)))
         self.last_gate: tuple[int, int] = (0, 0)

@@ -33,8 +33,8 @@ from .pg_program import (_batch, _gates, _named_blocks, build_pg_program, gate_c
 from .pg_program import to_float_model as _pg_to_float_model
 from .program import BFPProgram
 
-__all__ = ["to_float_model", "cg_gate_constants", "build_cg_program", "cg_gate_stats", "program_cg_stats",
-           "cg_layer_cases", "cg_model_from_checkpoint"]
+__all__ = ["to_float_model", "cg_gate_constants", "build_cg_program", "cg_gate_stats",
+           "program_cg_stats", "cg_layer_cases", "cg_model_from_checkpoint"]
 
 
 def _pg_twin(cg: CGResNet) -> PGResNet:

@@ -189,7 +189,8 @@ def test_golden_channel_gated_worst_case_accumulation():
     w_lsb = torch.tensor([[0, 4, 0, 4, 0, 4, 0, 4]] * o)
     x_lsb = torch.zeros(c, dtype=torch.int64)
     bias = torch.zeros(o, dtype=torch.int64)
-    for mode, thr in (("full", None), ("msb", None), ("gated", torch.tensor([0, 0, 10 ** 12, -10 ** 12]))):
+    huge = 10 ** 12
+    for mode, thr in (("full", None), ("msb", None), ("gated", torch.tensor([0, 0, huge, -huge]))):
         acc, passed, _ = golden.channel_gated_conv2d(x, x_lsb, w, w_lsb, bias, partitions=p,
                                                      threshold=thr if thr is not None else 0,
                                                      mode=mode, padding=0)
