@@ -108,12 +108,21 @@ def dual_layer(program: BFPProgram, layer: EngineLayer,
         x = torch.zeros((layer.in_channels, layer.height, layer.width), dtype=torch.int64)
     else:
         x = acts[layer.input]
+    mode = mode or op.dp_mode
+    partitions = msb_bits = None
+    if op.channel_gated:
+        if mode != "gated":
+            raise MappingError(f"layer {layer.name!r}: a Channel Gating conv runs gated on the "
+                               f"dual-precision engine, not in mode {mode!r}")
+        mode, partitions = "cg", op.cg_partitions
+    else:
+        msb_bits = op.dp_msb_bits
     return DualLayer(
         name=layer.name, x=x, x_lsb=layer.in_lsb, w=w, w_lsb=w_lsb, bias=op.bias,
-        out_lsb=layer.out_lsb, act_bits=op.dp_act_bits, msb_bits=op.dp_msb_bits,
-        threshold=op.dp_threshold, sign=op.dp_sign, mode=mode or op.dp_mode,
+        out_lsb=layer.out_lsb, act_bits=op.dp_act_bits, msb_bits=msb_bits,
+        threshold=op.dp_threshold, sign=op.dp_sign, mode=mode,
         stride=layer.stride, padding=layer.padding, activation=op.activation,
-        clamp_max=_uniform(layer.name, "the PACT bound", op.clamp_max))
+        clamp_max=_uniform(layer.name, "the PACT bound", op.clamp_max), partitions=partitions)
 
 
 def run_host_step(program: BFPProgram, step: HostStep, acts: dict[str, torch.Tensor]

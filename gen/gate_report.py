@@ -38,13 +38,17 @@ def gate_statistics(program: BFPProgram, lp: LayerProgram, images: torch.Tensor,
         shape = dict(in_channels=l.in_channels, out_channels=l.out_channels,
                      out_height=l.out_height, out_width=l.out_width, kernel_h=l.kernel,
                      kernel_w=l.kernel)
+        # Channel Gating (mode cg): dense = one pass; bit-split gating: dense = two passes
+        mode = "cg" if op.channel_gated else "gated"
+        dense_work = 1.0 if op.channel_gated else 2.0
         cyc, work = [], []
         for p in passed:
             counts = [int(p[t * k:(t + 1) * k].sum()) for t in range(l.tiles)]
-            cyc.append(dual_conv_cycles(hw, **shape, mode="gated", passed_counts=counts))
+            cyc.append(dual_conv_cycles(hw, **shape, mode=mode, passed_counts=counts,
+                                        partitions=l.partitions))
             work.append(dual_conv_work(out_channels=l.out_channels, out_height=l.out_height,
-                                       out_width=l.out_width, mode="gated",
-                                       passed=int(p.sum())))
+                                       out_width=l.out_width, mode=mode,
+                                       passed=int(p.sum()), partitions=l.partitions))
         n = len(cyc)
         mean_cyc = sum(cyc) / n
         mean_work = sum(work) / n
@@ -52,7 +56,7 @@ def gate_statistics(program: BFPProgram, lp: LayerProgram, images: torch.Tensor,
             "name": l.name, "passed_fraction": round(float(passed.double().mean()), 6),
             "cycles_dense": l.cycles, "cycles_gated_mean": round(mean_cyc, 1),
             "cycles_msb": l.cycles_msb,
-            "theoretical_speedup": round(2.0 / mean_work, 4),
+            "theoretical_speedup": round(dense_work / mean_work, 4),
             "cycle_speedup": round(l.cycles / mean_cyc, 4),
         })
     dense = sum(x["cycles_dense"] for x in layers)

@@ -1,6 +1,8 @@
 """Input-adaptive models that ``make gen`` trains on digits itself when no checkpoint is given:
-``pg_resnet20`` (Precision Gating, ``train-pg`` defaults) and ``dfs_resnet20`` (Dynamic
-Fractional Skipping, ``train-dfs`` defaults).
+``pg_resnet20`` (Precision Gating, ``train-pg`` defaults), ``dfs_resnet20`` (Dynamic
+Fractional Skipping, ``train-dfs`` defaults), ``cg_resnet20`` (Channel Gating, ``train-cg``
+defaults); also ``fbs_net`` (FBS on ``fbs_cnn``, ``train-fbs`` defaults) for the FBS
+co-simulation and bench.
 
 Each is trained once per cache folder with the ``python -m dynacc.quant`` command of its
 technique (same code path a user runs) and kept as a checkpoint that holds the integer program
@@ -12,20 +14,29 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
-__all__ = ["GATED_MODELS", "gated_checkpoint", "backbone", "model_checkpoint",
+__all__ = ["GATED_MODELS", "TRAINED_MODELS", "gated_checkpoint", "backbone", "model_checkpoint",
            "stored_dual_program"]
 
 #: gen model name -> (backbone model name, quant CLI arguments that train it on digits)
 GATED_MODELS: dict[str, tuple[str, list[str]]] = {
     "pg_resnet20": ("resnet20", ["train-pg", "--model", "resnet20", "--data", "digits"]),
     "dfs_resnet20": ("resnet20", ["train-dfs", "--model", "resnet20", "--data", "digits"]),
+    "cg_resnet20": ("resnet20", ["train-cg", "--model", "resnet20", "--data", "digits"]),
+}
+
+#: every digits-trained model :func:`gated_checkpoint` can make: the ``make gen`` models above
+#: and ``fbs_net`` (FBS on ``fbs_cnn``), whose layers are compacted per image by the host
+#: (``hw/fbs_layer.py``) and run by ``sim/`` and ``bench/cg_fbs.py``, not mapped by ``make gen``
+TRAINED_MODELS: dict[str, tuple[str, list[str]]] = {
+    **GATED_MODELS,
+    "fbs_net": ("fbs_cnn", ["train-fbs", "--model", "fbs_cnn", "--data", "digits"]),
 }
 
 
 def gated_checkpoint(name: str, cache_dir: str | Path = "build/cache") -> Path:
     """Path of the digits-trained checkpoint of gated model ``name`` (trained on first use)."""
-    if name not in GATED_MODELS:
-        raise ValueError(f"unknown gated model {name!r}; known: {', '.join(GATED_MODELS)}")
+    if name not in TRAINED_MODELS:
+        raise ValueError(f"unknown gated model {name!r}; known: {', '.join(TRAINED_MODELS)}")
     from dynacc.quant.cli import main as quant_main
 
     cache = Path(cache_dir)
@@ -34,10 +45,10 @@ def gated_checkpoint(name: str, cache_dir: str | Path = "build/cache") -> Path:
     with open(cache / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            rc = quant_main(GATED_MODELS[name][1] + ["--out", str(path)])
+            rc = quant_main(TRAINED_MODELS[name][1] + ["--out", str(path)])
             if rc != 0 or not path.exists():
                 raise RuntimeError(f"training {name} on digits failed (python -m dynacc.quant "
-                                   f"{' '.join(GATED_MODELS[name][1])} exited with {rc})")
+                                   f"{' '.join(TRAINED_MODELS[name][1])} exited with {rc})")
     return path
 
 

@@ -80,6 +80,7 @@ class EngineLayer:
     msb_bits: int | None = None   # dual: MSB-phase bits
     dp_mode: str | None = None    # dual: gated | msb | full (DFS chooses per image at run time)
     cycles_msb: int | None = None  # dual: cycles when no output passes
+    partitions: int | None = None  # dual, Channel Gating: p block-diagonal partitions
 
     @property
     def utilization(self) -> float:
@@ -236,11 +237,26 @@ def _engine_layer(program: BFPProgram, op: QuantOp, shapes: dict[str, tuple[int,
             raise MappingError(f"layer {op.name!r}: a dual-precision conv must be a dense conv "
                                "on engine-resident activations (no groups, not the host-im2col "
                                "first layer)")
-        dual = dict(engine="dual", act_bits=op.dp_act_bits, msb_bits=op.dp_msb_bits,
-                    dp_mode=op.dp_mode,
-                    cycles_msb=dual_conv_cycles(hw, **shape_kw, mode="msb"))
-        cycles = dual_conv_cycles(hw, **shape_kw, mode="full")
-        ideal *= 2   # two digit passes (MSB, LSB) per MAC when every output passes
+        if op.channel_gated:
+            # Channel Gating: base words, then the other words of every passing output; the
+            # dense conv on this engine is the all-pass case (each MAC once)
+            p = op.cg_partitions
+            tiles_all = [wo * ho * k] * tiles
+            try:
+                cycles = dual_conv_cycles(hw, **shape_kw, mode="cg", partitions=p,
+                                          passed_counts=tiles_all)
+                base = dual_conv_cycles(hw, **shape_kw, mode="cg", partitions=p,
+                                        passed_counts=[0] * tiles)
+            except ValueError as exc:
+                raise MappingError(f"layer {op.name!r}: {exc}") from exc
+            dual = dict(engine="dual", act_bits=op.dp_act_bits, msb_bits=None,
+                        dp_mode="cg", cycles_msb=base, partitions=p)
+        else:
+            dual = dict(engine="dual", act_bits=op.dp_act_bits, msb_bits=op.dp_msb_bits,
+                        dp_mode=op.dp_mode,
+                        cycles_msb=dual_conv_cycles(hw, **shape_kw, mode="msb"))
+            cycles = dual_conv_cycles(hw, **shape_kw, mode="full")
+            ideal *= 2   # two digit passes (MSB, LSB) per MAC when every output passes
     return EngineLayer(
         name=op.name, kind=op.kind, input=op.inputs[0], output=out_name, residual=residual,
         in_channels=c_eng, height=h_eng, width=w_eng, out_channels=o, out_height=ho,
