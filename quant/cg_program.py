@@ -129,6 +129,8 @@ def cg_layer_cases(program: BFPProgram, x_image: torch.Tensor) -> list[dict[str,
     """For one float test image (``[C, H, W]`` or ``[1, C, H, W]``), every channel-gated
     layer's golden integer input: ``[{"name", "op", "x_int" [1, C, H, W] int64}]`` in program
     order (what an RTL bench feeds the two-phase datapath)."""
+    if _batch(x_image).shape[0] != 1:
+        raise ValueError(f"cg_layer_cases takes one image, got a batch of {x_image.shape[0]}")
     return [c for c in pg_layer_cases(program, x_image) if c["op"].channel_gated]
 
 

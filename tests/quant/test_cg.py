@@ -275,6 +275,8 @@ def test_program_marks_channel_gated_layers(tiny_program):
     for c in cases:
         assert c["x_int"].shape[0] == 1 and 0 <= int(c["x_int"].min())
         assert int(c["x_int"].max()) <= 255
+    with pytest.raises(ValueError, match="cg_layer_cases takes one image"):
+        cg_layer_cases(program, x[:2])
     st = cg_gate_stats(program, x)
     assert set(st) == {o.name for o in gated}
     assert all(0 < v["passed"] < v["total"] and v["partitions"] == 2 for v in st.values())
