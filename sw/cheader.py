@@ -46,17 +46,19 @@ def _dual_tables(layers: list[dict[str, Any]]) -> list[str]:
            "static const uint8_t dynacc_layer_engine[DYNACC_NUM_LAYERS] = {"
            + ", ".join("1" if l.get("engine", "conv") == "dual" else "0" for l in layers) + "};",
            "",
-           "/* a dual-precision layer (Precision Gating / DFS precisions): its dynacc_layers",
-           " * entry gives geometry, act, clamp_max and the weight-memory blobs (desc.residual",
-           " * = 0); this adds the dual descriptor fields and the gate memory (per output lane:",
-           " * threshold in accumulator LSBs, sign bit). DFS hosts may write another mode per",
-           " * image. */",
+           "/* a dual-precision layer (Precision Gating / DFS precisions / Channel Gating): its",
+           " * dynacc_layers entry gives geometry, act, clamp_max and the weight-memory blobs",
+           " * (desc.residual = 0); this adds the dual descriptor fields and the gate memory (per",
+           " * output lane: threshold in accumulator LSBs, sign bit). DFS hosts may write another",
+           " * mode per image. */",
            "typedef struct {",
            "    int32_t layer;           /* index into dynacc_layers */",
            "    uint32_t act_bits;       /* unsigned input bits b (rule G0) */",
-           "    uint32_t msb_bits;       /* MSB-phase bits */",
+           "    uint32_t msb_bits;       /* MSB-phase bits (Channel Gating: b, the whole input) */",
            "    uint32_t lsb_bits;       /* descriptor field: L = act_bits - msb_bits */",
            "    uint32_t mode;           /* descriptor field: enum dynacc_dual_mode */",
+           "    uint32_t base_words;     /* descriptor field (Channel Gating, else 0): C/(p*K) */",
+           "    uint32_t chunk_tiles;    /* descriptor field (Channel Gating, else 0): (O/p)/K */",
            "    uint64_t cycles_msb;     /* cycles when no output passes (cycles: all pass) */",
            "    dynacc_blob_ref_t gate;",
            "} dynacc_dual_layer_t;",
@@ -65,8 +67,10 @@ def _dual_tables(layers: list[dict[str, Any]]) -> list[str]:
     for i, l in dual:
         g = l["memories"]["gate"]
         d = l["descriptor"]
-        out.append(f"    {{{i}, {l['act_bits']}, {l['msb_bits']}, {int(d['lsb_bits'])}, "
-                   f"{int(d['mode'])}, {l['cycles_msb']}ULL, "
+        mb = l["act_bits"] if l.get("msb_bits") is None else l["msb_bits"]
+        out.append(f"    {{{i}, {l['act_bits']}, {mb}, {int(d['lsb_bits'])}, "
+                   f"{int(d['mode'])}, {int(d.get('base_words', 0))}, "
+                   f"{int(d.get('chunk_tiles', 0))}, {l['cycles_msb']}ULL, "
                    f"{{{g['offset']}ULL, {g['size']}ULL, {g['words']}}}}},")
     return out + ["};", ""]
 

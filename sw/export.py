@@ -169,7 +169,10 @@ def _engine_entry(program: BFPProgram, index: int, layer: EngineLayer,
         arrays[f"{n}/sign"] = _ints(1 - 2 * prog.neg[:o], np.int8)
         # one-element arrays (the npz writer stores no 0-d arrays); mode: MODE_CODES
         arrays[f"{n}/act_bits"] = _ints([op.dp_act_bits], np.int8)
-        arrays[f"{n}/msb_bits"] = _ints([op.dp_msb_bits], np.int8)
+        if prog.layer.mode == "cg":   # Channel Gating: whole activations, p partitions
+            arrays[f"{n}/partitions"] = _ints([prog.layer.partitions], np.int16)
+        else:
+            arrays[f"{n}/msb_bits"] = _ints([op.dp_msb_bits], np.int8)
         arrays[f"{n}/mode"] = _ints([MODE_CODES[prog.layer.mode]], np.int8)
     src = program.op(layer.name)
     d = layer.to_dict()

@@ -5,8 +5,10 @@ the format version, the manifest's own checksum, every listed file's presence, s
 sha256, the hardware config the folder was made for (against the ``hw`` given), finite floats,
 exponents inside the format's E-bit range, mantissas inside ``±(2**(M-1) - 1)``, shifts inside
 their hardware ranges, and the consistency of descriptors and ``.mem`` / ``.bin`` words. A
-dual-precision layer (``engine: dual``) also has its ``act_bits`` / ``msb_bits`` / mode, its
-thresholds inside the comparator range, its ±1 signs and its gate words checked. A DFS
+dual-precision layer (``engine: dual``) also has its ``act_bits`` / ``msb_bits`` / mode (a
+Channel Gating layer, ``dp_mode: cg``: its ``partitions`` and the descriptor's ``base_words`` /
+``chunk_tiles``), its thresholds inside the comparator range, its ±1 signs and its gate words
+checked. A DFS
 deploy (manifest section ``dfs``) has its options, block layout and host gate arrays checked
 (:mod:`dynacc.sw.dfs_deploy`).
 """
@@ -73,8 +75,9 @@ class DeployLayer:
     engine: str = "conv"              # "conv" (ConvEngine) | "dual" (DualEngine, rules G0-G4)
     act_bits: int | None = None       # dual: unsigned input bits b
     msb_bits: int | None = None       # dual: MSB-phase bits (L = act_bits - msb_bits)
-    dp_mode: str | None = None        # dual: gated | msb | full, as exported
+    dp_mode: str | None = None        # dual: gated | msb | full | cg, as exported
     cycles_msb: int | None = None     # dual: cycles when no output passes (cycles: all pass)
+    partitions: int | None = None     # dual, dp_mode cg: Channel Gating partitions p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,11 +272,19 @@ def _layer(root: Path, e: dict[str, Any]) -> DeployLayer:
         files={m: root / v["file"] for m, v in e["memories"].items()},
         memories={m: dict(v) for m, v in e["memories"].items()},
         engine=e.get("engine", "conv"), act_bits=e.get("act_bits"),
-        msb_bits=e.get("msb_bits"), dp_mode=e.get("dp_mode"), cycles_msb=e.get("cycles_msb"))
+        msb_bits=e.get("msb_bits"), dp_mode=e.get("dp_mode"), cycles_msb=e.get("cycles_msb"),
+        partitions=e.get("partitions"))
+
+
+#: dual-precision modes a deploy folder may hold (an FBS layer is compacted per image by the
+#: host, so it has no static program)
+DEPLOY_DP_MODES = ("gated", "msb", "full", "cg")
 
 
 def _check_dual_layer(where: str, s: DeployLayer, hw: HwConfig) -> None:
-    """The manifest fields of a dual-precision layer (rules G0-G4, descriptor agreement)."""
+    """The manifest fields of a dual-precision layer (rules G0-G4 / CG1-CG3, descriptor
+    agreement)."""
+    from dynacc.hw.cycles import cg_base_words
     from dynacc.hw.dual_program import MODE_CODES
 
     m = hw.mantissa_bits
@@ -281,12 +292,30 @@ def _check_dual_layer(where: str, s: DeployLayer, hw: HwConfig) -> None:
     if not isinstance(b, int) or not 2 <= b <= m - 1:
         raise _fail(where, f"layer {s.name!r}: field 'act_bits' = {b!r} must be an integer in "
                            f"[2, {m - 1}]")
-    if not isinstance(mb, int) or not 1 <= mb < b:
+    if s.dp_mode not in DEPLOY_DP_MODES:
+        raise _fail(where, f"layer {s.name!r}: field 'dp_mode' = {s.dp_mode!r} must be one of "
+                           f"{DEPLOY_DP_MODES}")
+    if s.dp_mode == "cg":
+        if mb is not None:
+            raise _fail(where, f"layer {s.name!r}: field 'msb_bits' = {mb!r} must be null in "
+                               "dp_mode 'cg' (both phases use the whole activation)")
+        try:
+            nb = cg_base_words(hw, in_channels=s.in_channels, out_channels=s.out_channels,
+                               partitions=s.partitions)
+        except ValueError as exc:
+            raise _fail(where, f"layer {s.name!r}: field 'partitions': {exc}") from None
+        mb = b      # L = 0
+        for f, want in (("base_words", nb), ("chunk_tiles", s.tiles // s.partitions)):
+            if s.descriptor.get(f) != want:
+                raise _fail(where, f"layer {s.name!r}: descriptor field {f!r} = "
+                                   f"{s.descriptor.get(f)!r} != {want} of partitions "
+                                   f"{s.partitions}")
+    elif not isinstance(mb, int) or not 1 <= mb < b:
         raise _fail(where, f"layer {s.name!r}: field 'msb_bits' = {mb!r} must be an integer in "
                            f"[1, act_bits - 1 = {b - 1}]")
-    if s.dp_mode not in MODE_CODES:
-        raise _fail(where, f"layer {s.name!r}: field 'dp_mode' = {s.dp_mode!r} must be one of "
-                           f"{tuple(MODE_CODES)}")
+    elif s.partitions is not None:
+        raise _fail(where, f"layer {s.name!r}: field 'partitions' = {s.partitions!r} is only "
+                           "used in dp_mode 'cg'")
     if s.residual is not None:
         raise _fail(where, f"layer {s.name!r}: field 'residual' = {s.residual!r}: the "
                            "dual-precision engine has no fused residual add")
@@ -296,7 +325,8 @@ def _check_dual_layer(where: str, s: DeployLayer, hw: HwConfig) -> None:
                            f"dp_mode {s.dp_mode!r}")
     if s.descriptor.get("lsb_bits") != b - mb:
         raise _fail(where, f"layer {s.name!r}: descriptor field 'lsb_bits' = "
-                           f"{s.descriptor.get('lsb_bits')!r} != act_bits - msb_bits = {b - mb}")
+                           f"{s.descriptor.get('lsb_bits')!r} != act_bits - msb_bits = {b - mb}"
+                           + (" (dp_mode 'cg': 0)" if s.dp_mode == "cg" else ""))
     if not isinstance(s.cycles_msb, int) or not 0 < s.cycles_msb <= s.cycles:
         raise _fail(where, f"layer {s.name!r}: field 'cycles_msb' = {s.cycles_msb!r} must be in "
                            f"[1, cycles = {s.cycles}]")
@@ -408,7 +438,8 @@ def _check_arrays(where: str, arrays: dict[str, np.ndarray], man: dict[str, Any]
 
 
 def _check_dual_arrays(where: str, s: DeployLayer, o: int, need: Any, hw: HwConfig) -> None:
-    """``threshold`` / ``sign`` / ``act_bits`` / ``msb_bits`` / ``mode`` of dual layer ``s``."""
+    """``threshold`` / ``sign`` / ``act_bits`` / ``msb_bits`` (dp_mode ``cg``:
+    ``partitions``) / ``mode`` of dual layer ``s``."""
     from dynacc.hw.dual_program import MODE_CODES
 
     n = s.name
@@ -422,8 +453,8 @@ def _check_dual_arrays(where: str, s: DeployLayer, o: int, need: Any, hw: HwConf
     if not np.isin(sgn, (-1, 1)).all():
         raise _fail(where, f"{n + '/sign'!r} holds {sorted(set(sgn.tolist()) - {-1, 1})}: a "
                            "gate sign is +1 or -1")
-    for field, want in (("act_bits", s.act_bits), ("msb_bits", s.msb_bits),
-                        ("mode", MODE_CODES[s.dp_mode])):
+    digit = ("partitions", s.partitions) if s.dp_mode == "cg" else ("msb_bits", s.msb_bits)
+    for field, want in (("act_bits", s.act_bits), digit, ("mode", MODE_CODES[s.dp_mode])):
         a = need(f"{n}/{field}")
         if a.shape != (1,) or int(a[0]) != want:
             raise _fail(where, f"{n + '/' + field!r} = {a.tolist()} disagrees with the "
