@@ -22,6 +22,7 @@ ORDER = [
     "resnet50_rtl.py",
     "dual_speedup.py",
     "pg_dfs.py",
+    "cg_fbs.py",
 ]
 
 
