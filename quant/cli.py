@@ -50,13 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_pg(sub)
     _add_train_dfs(sub)
     _add_train_cg(sub)
+    _add_train_fbs(sub)
     return p
 
 
-def _add_backbone_args(c: argparse.ArgumentParser) -> None:
-    """Arguments of the float CIFAR ResNet that train-pg / train-dfs start from."""
-    c.add_argument("--model", required=True, metavar="NAME",
-                   help="float backbone: resnet20 | resnet38 | resnet74")
+def _add_backbone_args(c: argparse.ArgumentParser,
+                       models: str = "resnet20 | resnet38 | resnet74") -> None:
+    """Arguments of the float backbone (``models``) that train-pg / train-dfs / train-fbs
+    start from."""
+    c.add_argument("--model", required=True, metavar="NAME", help=f"float backbone: {models}")
     c.add_argument("--data", default="digits", metavar="NAME",
                    help="dataset: digits | cifar10 (default: %(default)s)")
     c.add_argument("--data-root", default=None, metavar="DIR",
@@ -68,15 +70,17 @@ def _add_backbone_args(c: argparse.ArgumentParser) -> None:
                    help="float training epochs when there is no checkpoint (default: %(default)s)")
 
 
-def _add_program_args(c: argparse.ArgumentParser, method_help: str) -> None:
+def _add_program_args(c: argparse.ArgumentParser, method_help: str | None) -> None:
     """Arguments of the integer program train-pg / train-dfs build (M = 9 by default, so
-    unsigned 8-bit activations fit the activation word)."""
+    unsigned 8-bit activations fit the activation word); no ``--method`` when
+    ``method_help`` is None (every exponent fixed, as in train-fbs)."""
     c.add_argument("--mantissa", type=int, default=9,
                    help="mantissa bits M, sign included (default: %(default)s)")
     c.add_argument("--exponent-bits", type=int, default=8,
                    help="shared exponent bits E (default: %(default)s)")
-    c.add_argument("--method", default="max", choices=["kl", "max"],
-                   help=method_help + " (default: %(default)s)")
+    if method_help is not None:
+        c.add_argument("--method", default="max", choices=["kl", "max"],
+                       help=method_help + " (default: %(default)s)")
     c.add_argument("--calib-images", type=int, default=200,
                    help="calibration images (default: %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
@@ -371,6 +375,98 @@ def _train_cg(args: argparse.Namespace) -> int:
           f"FP {fp_acc:.2f} %  CG (fake-quant) {st['acc']:.2f} %  golden integer {gst['acc']:.2f} %  "
           f"update sparsity {100 * gst['sparsity']:.1f} %  FLOP reduction "
           f"{gst['cg_flop_reduction']:.2f}x on the CG layers, {gst['flop_reduction']:.2f}x whole net")
+    print(f"saved {out}")
+    return 0
+
+
+def _add_train_fbs(sub: argparse._SubParsersAction) -> None:
+    """``train-fbs``: Feature Boosting and Suppression -> integer program with a host
+    predictor."""
+    from .train_fbs import DENSITY_STEPS
+
+    c = sub.add_parser("train-fbs", help="fine-tune the float fbs_cnn with Feature Boosting and "
+                                         "Suppression down to a channel density, build its "
+                                         "integer program, save")
+    c.set_defaults(handler=_train_fbs)
+    _add_backbone_args(c, "fbs_cnn")
+    c.add_argument("--density", type=float, default=0.5,
+                   help="target channel density d in (0, 1]; fine-tuned in steps "
+                        f"{', '.join(f'{d:g}' for d in DENSITY_STEPS)} down to it "
+                        "(default: %(default)s)")
+    c.add_argument("--warmup-epochs", type=int, default=3,
+                   help="warm-up epochs, backbone frozen, d = 1 (default: %(default)s)")
+    c.add_argument("--epochs", type=int, default=5,
+                   help="fine-tuning epochs per density step (default: %(default)s)")
+    c.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    c.add_argument("--gate-lr-scale", type=float, default=10.0,
+                   help="learning-rate multiplier of the predictors and β (default: %(default)s)")
+    c.add_argument("--l1", type=float, default=0.0,
+                   help="weight of the l1 regulariser on the active saliencies (default: "
+                        "%(default)s, as FBS's M-CifarNet)")
+    c.add_argument("--alpha", type=float, default=6.0, help="initial PACT clip (default: %(default)s)")
+    c.add_argument("--max-batches", type=int, default=None, metavar="N",
+                   help="at most N batches per epoch (quick runs; default: all)")
+    _add_program_args(c, None)
+    c.add_argument("--out", default=None, metavar="FILE",
+                   help="output checkpoint (default: build/<model>/<model>-<data>-fbs-d<d>.pt)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_fbs(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .fbs import FBS_ACT_BITS, check_density, fbs_from_dense
+    from .fbs_program import (FBS_QUANT_CONFIG, build_fbs_program, fbs_golden_stats,
+                              save_fbs_checkpoint)
+    from .flow import calibration_batches
+    from .formats import BFPFormat
+    from .pg import check_pg_bits
+    from .train_fbs import density_schedule, fbs_fine_tune, fbs_stats
+
+    try:
+        if args.model != "fbs_cnn":
+            raise ValueError(f"unknown model {args.model!r} for FBS; known: fbs_cnn")
+        density = check_density(args.density, "--density")
+        if args.epochs < 1 or args.warmup_epochs < 0:
+            raise ValueError("--epochs must be >= 1 and --warmup-epochs >= 0")
+        if args.max_batches is not None and args.max_batches < 1:
+            raise ValueError(f"--max-batches must be >= 1, not {args.max_batches}")
+        cfg = dataclasses.replace(FBS_QUANT_CONFIG,
+                                  fmt=BFPFormat(args.mantissa, args.exponent_bits))
+        check_pg_bits(FBS_ACT_BITS, None, cfg.fmt, "FBS activations")
+        float_model, splits, kwargs, fp_acc = _load_backbone(args)
+        calib = torch.cat(calibration_batches(splits.train, args.calib_images))
+        model = fbs_from_dense(float_model, calib, alpha=args.alpha)
+        steps = density_schedule(density)
+        for _ in fbs_fine_tune(model, splits.train, steps, args.warmup_epochs, args.epochs,
+                               lr=args.lr, l1=args.l1, gate_lr_scale=args.gate_lr_scale,
+                               seed=args.seed, progress=not args.quiet,
+                               max_batches=args.max_batches):
+            pass
+        st = fbs_stats(model, splits.test)
+        program = build_fbs_program(model, calib, cfg)
+        gst = fbs_golden_stats(program, splits.test, progress=not args.quiet)
+        res = {"fp_acc": fp_acc, "fbs_acc": st["acc"], "bfp_acc": gst["acc"],
+               "mac_reduction": gst["mac_reduction"], "predictor_macs": gst["predictor_macs"],
+               "dense_macs": gst["dense_macs"], "layer_density": gst["density"],
+               "fbs_mac_reduction": st["mac_reduction"]}
+        out = Path(args.out or f"build/{args.model}/{args.model}-{args.data}-fbs-d{density:g}.pt")
+        save_fbs_checkpoint(out, model, program,
+                            meta={"dataset": args.data, **res, "quant": cfg.to_dict(),
+                                  "calib_images": args.calib_images,
+                                  "train": {"density": density, "steps": steps,
+                                            "warmup_epochs": args.warmup_epochs,
+                                            "epochs": args.epochs, "lr": args.lr,
+                                            "gate_lr_scale": args.gate_lr_scale, "l1": args.l1,
+                                            "alpha": args.alpha, "seed": args.seed}})
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dens = " ".join(f"{v:.3f}" for v in gst["density"])
+    print(f"{args.model} on {args.data}, FBS d={density:g} M={args.mantissa}: FP {fp_acc:.2f} %  "
+          f"FBS (float) {st['acc']:.2f} %  golden integer {gst['acc']:.2f} %  MAC reduction "
+          f"{gst['mac_reduction']:.2f}x  (predictor {gst['predictor_macs']:.0f} MACs/image)")
+    print(f"realised density per conv (golden): {dens}")
     print(f"saved {out}")
     return 0
 

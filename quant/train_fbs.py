@@ -108,9 +108,9 @@ def fbs_stats(model: FBSGatedCNN, loader: Iterable) -> dict[str, Any]:
 
 
 def fbs_fine_tune(model: FBSGatedCNN, train: DataLoader, densities: Sequence[float],
-                  warmup_epochs: int = 2, epochs: int = 3, lr: float = 1e-3, l1: float = 0.0,
-                  seed: int = 0, progress: bool = True, max_batches: int | None = None
-                  ) -> Iterator[float]:
+                  warmup_epochs: int = 3, epochs: int = 5, lr: float = 1e-3, l1: float = 0.0,
+                  gate_lr_scale: float = 10.0, seed: int = 0, progress: bool = True,
+                  max_batches: int | None = None) -> Iterator[float]:
     """The FBS schedule: warm-up (backbone frozen, d = 1), then for each of ``densities``
     (non-increasing) set it and fine-tune everything for ``epochs``; yields each density
     when its step is done (the model is then in eval mode at that density)."""
@@ -118,12 +118,12 @@ def fbs_fine_tune(model: FBSGatedCNN, train: DataLoader, densities: Sequence[flo
     if any(b > a for a, b in zip(ds, ds[1:])):
         raise ValueError(f"FBS densities must not increase, got {list(densities)}")
     model.set_density(1.0)
-    train_fbs(model, train, warmup_epochs, lr=lr, freeze_base=True, seed=seed,
-              progress=progress, max_batches=max_batches, desc="FBS warm-up d=1")
+    train_fbs(model, train, warmup_epochs, lr=lr, freeze_base=True, gate_lr_scale=gate_lr_scale,
+              seed=seed, progress=progress, max_batches=max_batches, desc="FBS warm-up d=1")
     for d in ds:
         model.set_density(d)
-        train_fbs(model, train, epochs, lr=lr, l1=l1, seed=seed, progress=progress,
-                  max_batches=max_batches, desc=f"FBS d={d:g}")
+        train_fbs(model, train, epochs, lr=lr, l1=l1, gate_lr_scale=gate_lr_scale, seed=seed,
+                  progress=progress, max_batches=max_batches, desc=f"FBS d={d:g}")
         yield d
 
 
