@@ -11,10 +11,11 @@ tensor of the run with ``program.run_golden`` (``==``, element by element; the m
 ``check_conv_output`` names layer, channel, y, x and both values) and every layer's RTL
 cycle counter with ``hw.cycles.conv_cycles``.
 
-A Precision Gating / DFS deploy (dual-precision layers, ``engine: dual``) runs on the
-two-engine top (:mod:`dynacc.sim.net_top`, one simulator process for both engines): its
-dual layers run on the dual-precision engine, chained like every other layer, in the mode
-``modes`` gives per image (default: the exported one). :func:`check_network` then also
+A Precision Gating / DFS / Channel Gating deploy (dual-precision layers, ``engine: dual``)
+runs on the two-engine top (:mod:`dynacc.sim.net_top`, one simulator process for both
+engines): its dual layers run on the dual-precision engine, chained like every other layer,
+in the mode ``modes`` gives per image (default: the exported one; a Channel Gating layer,
+``dp_mode: cg``, always runs gated). :func:`check_network` then also
 compares every gate outcome with the golden model's and each dual layer's RTL cycles with
 ``DualProgram.cycles`` of the golden gate outcomes of that image.
 """
@@ -45,6 +46,9 @@ __all__ = ["NetworkResult", "LayerCheck", "NetworkCheck", "run_network", "check_
            "verify_network"]
 
 _log = logging.getLogger(__name__)
+
+#: modes a run may force on a Precision Gating / DFS layer (a Channel Gating layer runs gated)
+PG_MODES = ("gated", "msb", "full")
 
 BENCH_MODULE = "dynacc.sim.benches.network_bench"
 
@@ -167,23 +171,24 @@ def _poll(progress: Path, total: int, stop: threading.Event, desc: str) -> None:
 def _modes(dep: Deploy, modes: Any, n: int) -> list[dict[str, str]] | None:
     """``modes`` (None, one ``{layer: mode}`` for every image, or a list of N of them)
     checked against the deploy's dual-precision layers, as a list of N dicts."""
-    from dynacc.hw.dual_program import MODE_CODES
-
     if modes is None:
         return None
     per = [dict(modes)] * n if isinstance(modes, dict) else [dict(m or {}) for m in modes]
     if len(per) != n:
         raise ValueError(f"modes: {len(per)} entries for {n} images (one {{layer: mode}} per "
                          "image, or one for all)")
-    dual = {l.name for l in dep.layers if l.engine == "dual"}
+    dual = {l.name: l for l in dep.layers if l.engine == "dual"}
     for i, m in enumerate(per):
         for name, mode in m.items():
             if name not in dual:
                 raise ValueError(f"modes[{i}]: layer {name!r} is not a dual-precision layer of "
                                  f"{dep.path} (those are: {', '.join(sorted(dual)) or 'none'})")
-            if mode not in MODE_CODES:
+            if dual[name].dp_mode == "cg":
+                raise ValueError(f"modes[{i}]: layer {name!r} is a Channel Gating layer "
+                                 "(dp_mode 'cg'): it runs gated only, no mode can be forced")
+            if mode not in PG_MODES:
                 raise ValueError(f"modes[{i}]: layer {name!r}: mode {mode!r} must be one of "
-                                 f"{tuple(MODE_CODES)}")
+                                 f"{PG_MODES}")
     return per
 
 
