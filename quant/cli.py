@@ -434,7 +434,7 @@ def _train_fbs(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(FBS_QUANT_CONFIG,
                                   fmt=BFPFormat(args.mantissa, args.exponent_bits))
         check_pg_bits(FBS_ACT_BITS, None, cfg.fmt, "FBS activations")
-        float_model, splits, kwargs, fp_acc = _load_backbone(args)
+        float_model, splits, _, fp_acc = _load_backbone(args)
         calib = torch.cat(calibration_batches(splits.train, args.calib_images))
         model = fbs_from_dense(float_model, calib, alpha=args.alpha)
         steps = density_schedule(density)

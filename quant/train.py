@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-__all__ = ["train_float", "evaluate", "accuracy_of"]
+__all__ = ["train_float", "run_epochs", "evaluate", "accuracy_of"]
 
 
 def train_float(model: nn.Module, train: DataLoader, epochs: int = 10, lr: float = 0.05,
@@ -33,6 +33,34 @@ def train_float(model: nn.Module, train: DataLoader, epochs: int = 10, lr: float
             total += float(loss.detach()) * len(y)
             n += len(y)
         bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
+    return model.eval()
+
+
+def run_epochs(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer,
+               batch_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int,
+               desc: str, progress: bool = True, max_batches: int | None = None,
+               leave: bool = True) -> nn.Module:
+    """The epoch loop of the fine-tuners (train-pg, train-fbs): ``epochs`` passes over
+    ``loader`` (at most ``max_batches`` batches each) in train mode; per batch an ``opt`` step
+    on ``batch_loss(x, y)``, then a cosine-annealed learning rate over all steps. A tqdm bar
+    shows each epoch's mean loss. Returns the model in eval mode."""
+    steps = epochs * (min(len(loader), max_batches) if max_batches else len(loader))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=leave)
+    for _ in bar:
+        model.train()
+        tot, n = 0.0, 0
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss = batch_loss(x, y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss.detach()) * len(y)
+            n += len(y)
+        bar.set_postfix(loss=f"{tot / max(n, 1):.4f}")
     return model.eval()
 
 

@@ -15,9 +15,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .pg import gating_loss, pg_layers
+from .train import run_epochs
 
 __all__ = ["train_pg", "pg_stats", "run_pg_sweep"]
 
@@ -53,25 +53,10 @@ def train_pg(model: nn.Module, splits: Any, epochs: int = 3, lr: float = 0.01,
                            {"params": thresholds, "weight_decay": 0.0,
                             "lr": lr * threshold_lr_scale}],
                           lr=lr, momentum=0.9)
-    steps = epochs * (min(len(loader), max_batches) if max_batches else len(loader))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     ce = nn.CrossEntropyLoss()
-    bar = tqdm(range(epochs), desc="train-pg", unit="epoch", disable=not progress)
-    for _ in bar:
-        model.train()
-        tot, n = 0.0, 0
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss = ce(model(x), y) + gating_loss(model, gate_target, sigma_g)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * len(y)
-            n += len(y)
-        bar.set_postfix(loss=f"{tot / max(n, 1):.4f}")
-    return model.eval()
+    return run_epochs(model, loader, opt,
+                      lambda x, y: ce(model(x), y) + gating_loss(model, gate_target, sigma_g),
+                      epochs, "train-pg", progress, max_batches)
 
 
 @torch.no_grad()
