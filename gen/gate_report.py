@@ -1,11 +1,11 @@
 """Gate outcomes of a model's dual-precision layers on real images, and what they cost on the
 dual-precision engine: the "Gates" section of ``report.md`` / ``report.json``.
 
-For every Precision Gating layer (mode ``gated``) and every image, the golden model's gate
-outcomes give the passing outputs per output tile, hence the exact RTL cycles
-(:func:`~dynacc.hw.cycles.dual_conv_cycles`) and the theoretical work
-(:func:`~dynacc.hw.cycles.dual_conv_work`: 2 passes per output dense, 1 + passed fraction
-gated).
+For every Precision Gating layer (mode ``gated``) or Channel Gating layer (mode ``cg``) and
+every image, the golden model's gate outcomes give the passing outputs per output tile, hence
+the exact RTL cycles (:func:`~dynacc.hw.cycles.dual_conv_cycles`) and the theoretical work
+(:func:`~dynacc.hw.cycles.dual_conv_work`; PG: 2 passes per output dense, 1 + passed fraction
+gated; CG with p partitions: 1 dense, 1/p + (1 - 1/p) · passed fraction gated).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ __all__ = ["gate_statistics", "gates_markdown", "dfs_statistics", "dfs_markdown"
 
 def gate_statistics(program: BFPProgram, lp: LayerProgram, images: torch.Tensor,
                     hw: HwConfig) -> dict[str, Any]:
-    """Per gated layer over ``images`` ``[N, C, H, W]`` (float): mean passed fraction, mean
-    RTL cycles gated vs dense (``full``), theoretical and cycle-model speed-ups."""
+    """Per gated layer over ``images`` ``[N, C, H, W]`` (float): technique (``pg`` | ``cg``),
+    mean passed fraction, mean RTL cycles gated vs dense (every output passing), theoretical
+    and cycle-model speed-ups; totals over the gated layers and the whole network."""
     env = program.run_golden(images)
     k = hw.lanes
     layers = []
@@ -53,7 +54,8 @@ def gate_statistics(program: BFPProgram, lp: LayerProgram, images: torch.Tensor,
         mean_cyc = sum(cyc) / n
         mean_work = sum(work) / n
         layers.append({
-            "name": l.name, "passed_fraction": round(float(passed.double().mean()), 6),
+            "name": l.name, "technique": "cg" if op.channel_gated else "pg",
+            "partitions": l.partitions, "passed_fraction": round(float(passed.double().mean()), 6),
             "cycles_dense": l.cycles, "cycles_gated_mean": round(mean_cyc, 1),
             "cycles_msb": l.cycles_msb,
             "theoretical_speedup": round(dense_work / mean_work, 4),
@@ -61,9 +63,15 @@ def gate_statistics(program: BFPProgram, lp: LayerProgram, images: torch.Tensor,
         })
     dense = sum(x["cycles_dense"] for x in layers)
     gated = sum(x["cycles_gated_mean"] for x in layers)
+    net_dense = sum(l.cycles for l in lp.engine_layers)
+    net_gated = net_dense - dense + gated
     return {"images": int(images.shape[0]), "layers": layers,
             "totals": {"cycles_dense": dense, "cycles_gated_mean": round(gated, 1),
-                       "cycle_speedup": round(dense / gated, 4) if gated else None}}
+                       "cycle_speedup": round(dense / gated, 4) if gated else None,
+                       "network_cycles_dense": net_dense,
+                       "network_cycles_gated_mean": round(net_gated, 1),
+                       "network_cycle_speedup": round(net_dense / net_gated, 4)
+                       if net_gated else None}}
 
 
 def gates_markdown(g: dict[str, Any]) -> str:
@@ -71,15 +79,30 @@ def gates_markdown(g: dict[str, Any]) -> str:
     if not g["layers"]:
         return ""
     t = g["totals"]
+    kinds = {x.get("technique", "pg") for x in g["layers"]}
+    what, rule = [], []
+    if "pg" in kinds:
+        what.append("Precision Gating")
+        rule.append("PG: 2 / (1 + passed fraction)")
+    if "cg" in kinds:
+        ps = sorted({x["partitions"] for x in g["layers"] if x.get("technique") == "cg"})
+        what.append(f"Channel Gating (p = {', '.join(map(str, ps))})")
+        rule.append("CG: 1 / (1/p + (1 - 1/p) · passed fraction), dense = every output passing, "
+                    "the plain conv on this engine")
     lines = ["## Gates", "",
-             f"Precision Gating outcomes of the golden model on {g['images']} digits test images, "
-             "and the dual-precision engine's exact cycles for them (cycle model = RTL, "
-             "asserted by the co-simulation). Theoretical speed-up = 2 / (1 + passed fraction).",
+             f"{' and '.join(what)} outcomes of the golden model on {g['images']} digits test "
+             "images, and the dual-precision engine's exact cycles for them (cycle model = RTL, "
+             "asserted by the co-simulation). Theoretical speed-up: "
+             + "; ".join(r if len(rule) > 1 else r.split(": ", 1)[1] for r in rule) + ".",
              "",
              f"**Gated layers: {t['cycles_gated_mean']:,.0f} cycles/image on average vs "
-             f"{t['cycles_dense']:,} dense ({t['cycle_speedup']:.2f}×).**", "",
-             "| layer | passed | dense cycles | gated cycles (mean) | no-pass cycles | "
-             "theoretical | cycle model | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{t['cycles_dense']:,} dense ({t['cycle_speedup']:.2f}×).**", ""]
+    if t.get("network_cycles_dense"):
+        lines += [f"**Whole network: {t['network_cycles_gated_mean']:,.0f} cycles/image on "
+                  f"average vs {t['network_cycles_dense']:,} dense "
+                  f"({t['network_cycle_speedup']:.2f}×).**", ""]
+    lines += ["| layer | passed | dense cycles | gated cycles (mean) | no-pass cycles | "
+              "theoretical | cycle model | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for x in g["layers"]:
         lines.append(f"| {x['name']} | {100 * x['passed_fraction']:.1f} % | {x['cycles_dense']:,} | "
                      f"{x['cycles_gated_mean']:,.0f} | {x['cycles_msb']:,} | "

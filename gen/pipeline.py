@@ -219,24 +219,29 @@ PG_DFS_BENCH = Path("build/bench/pg_dfs.json")
 
 
 def _gated_plots(work: Path, rep: dict[str, Any]) -> None:
-    """gate_speedups.png (theoretical vs cycle-model speed-up of each PG layer on the report's
-    test images) and, when ``make bench`` has run, accuracy_vs_compute.png from its sweep;
-    appended to report.md as the "Gated plots" section."""
+    """gate_speedups.png (theoretical vs cycle-model speed-up of each PG / CG layer on the
+    report's test images) and, for PG / DFS when ``make bench`` has run,
+    accuracy_vs_compute.png from its sweep; appended to report.md as the "Gated plots"
+    section."""
     from .plots import append_sections, plot_accuracy_vs_compute, plot_speedups
 
     text = ["## Gated plots", ""]
     gates = rep.get("gates", {}).get("layers")
+    cg = bool(gates) and all(x.get("technique") == "cg" for x in gates)
     if gates:
         rows = [{"layer": x["name"], "theoretical": x["theoretical_speedup"],
                  "measured": x["cycle_speedup"]} for x in gates]
+        kind = "CG" if cg else "PG"
+        rule = ("1 / (1/p + (1 - 1/p) · passed fraction), over every output passing" if cg
+                else "2 / (1 + passed fraction), over the dense mode")
         plot_speedups(rows, work / "gate_speedups.png",
-                      f"PG layers, {rep['gates']['images']} test images: exact engine cycles "
+                      f"{kind} layers, {rep['gates']['images']} test images: exact engine cycles "
                       "vs theory", measured_label="engine cycles (= RTL)")
         text += ["![gate_speedups](gate_speedups.png)", "",
-                 "Per PG layer: the speed-up over the dense mode that the gate outcomes allow "
-                 "(2 / (1 + passed fraction)) and the one the engine's exact cycles give.", ""]
+                 f"Per {kind} layer: the speed-up that the gate outcomes allow ({rule}) and the "
+                 "one the engine's exact cycles give.", ""]
     try:
-        bench = json.loads(PG_DFS_BENCH.read_text())
+        bench = None if cg else json.loads(PG_DFS_BENCH.read_text())
     except (OSError, ValueError):
         bench = None
     if bench and (bench.get("pg") or bench.get("dfs")):

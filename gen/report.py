@@ -40,7 +40,7 @@ def report_dict(lp: LayerProgram) -> dict[str, Any]:
         })
         if s.engine == "dual":
             layers[-1].update(act_bits=s.act_bits, msb_bits=s.msb_bits, dp_mode=s.dp_mode,
-                              cycles_msb=s.cycles_msb)
+                              cycles_msb=s.cycles_msb, partitions=s.partitions)
     host = [s.to_dict() for s in lp.steps if isinstance(s, HostStep)]
     macs = sum(l["macs"] for l in layers)
     ideal = sum(l["ideal_cycles"] for l in layers)
@@ -81,7 +81,10 @@ def report_markdown(rep: dict[str, Any]) -> str:
     ]
     for l in rep["layers"]:
         note = " (im2col)" if l["im2col"] else ""
-        if l.get("engine") == "dual":
+        if l.get("engine") == "dual" and l["dp_mode"] == "cg":
+            note += (f" (Channel Gating p={l['partitions']}, {l['act_bits']}-bit input; "
+                     f"{l['cycles_msb']:,} cycles if no output passes)")
+        elif l.get("engine") == "dual":
             note += (f" (dual {l['act_bits']}/{l['msb_bits']} bits, {l['dp_mode']}; "
                      f"{l['cycles_msb']:,} cycles if no output passes)")
         note += f" (+{l['residual']})" if l["residual"] else ""
@@ -93,7 +96,15 @@ def report_markdown(rep: dict[str, Any]) -> str:
             f"{l['acc_bits_needed']} |")
     lines += ["", "Host steps: " + ", ".join(f"{h['name']} ({h['kind']})" for h in rep["host_steps"]),
               ""]
-    if any(l.get("engine") == "dual" for l in rep["layers"]):
+    duals = [l for l in rep["layers"] if l.get("engine") == "dual"]
+    if any(l["dp_mode"] == "cg" for l in duals):
+        lines += ["Channel Gating layers run on the dual-precision engine (`rtl/dual_engine.v`, "
+                  "mode cg): a base phase over the 1/p of the input channels that belong to "
+                  "each output's partition, then the other input channels only for outputs "
+                  "whose gate passes (rules CG1-CG3). Their RTL cycles above are for every "
+                  "output passing (the plain conv, ideal = MACs / K²); the gated cycles depend "
+                  "on the input (see \"Gates\" below when present).", ""]
+    if any(l["dp_mode"] != "cg" for l in duals):
         lines += ["Dual-precision layers run on the dual-precision engine (`rtl/dual_engine.v`): "
                   "an MSB pass over every output, then an LSB pass only over outputs whose gate "
                   "passes (rules G0-G4). Their RTL cycles above are for every output passing "
