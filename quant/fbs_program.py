@@ -53,7 +53,7 @@ from .program import BFPProgram, build_program, iter_observed
 
 __all__ = ["FBS_QUANT_CONFIG", "FBSGate", "FBSProgram", "FBSGoldenRun", "to_float_model",
            "build_fbs_program", "run_fbs_golden", "fbs_golden_stats", "fbs_layer_cases",
-           "save_fbs_checkpoint", "fbs_model_from_checkpoint"]
+           "save_fbs_checkpoint", "fbs_model_from_checkpoint", "fbs_host_step"]
 
 #: M = 9 (sign + 8 magnitude bits: the unsigned 8-bit activations fit, rule G0), max
 #: calibration, whole-filter weight blocks.
@@ -178,6 +178,30 @@ def _calibrate_scale(gate: FBSGate, op: Any, g: torch.Tensor) -> None:
                          "image (a dead layer)")
     gate.scale_lsb = pact_lsb(top, gate.scale_bits)
     gate.beta_q = quantize_bias(gate.beta, op.acc_lsb + gate.scale_lsb)
+
+
+@torch.no_grad()
+def fbs_host_step(fbs_program: FBSProgram, gate: FBSGate | str, x_int: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The host side of FBS conv ``gate`` (an :class:`FBSGate` or its name) on its integer
+    input ``x_int [N, C, H, W]`` (e.g. the previous layer's RTL output): ``(scale, active,
+    bias)``, each ``[N, O]``: ``g_q`` (int64), the FBS1 decisions on the integers (bool) and
+    the per-image bias on LSB ``acc_lsb + scale_lsb`` (int64, rule FBS6). The same steps as
+    :func:`run_fbs_golden`."""
+    if isinstance(gate, str):
+        gate = fbs_program.gate(gate)
+    if gate.scale_lsb is None or gate.beta_q is None:
+        raise ValueError(f"FBS layer {gate.name!r} has no calibrated saliency scale")
+    x = torch.as_tensor(x_int)
+    if x.dim() != 4:
+        raise ValueError(f"FBS layer {gate.name!r}: x_int must be [N, C, H, W], got "
+                         f"{tuple(x.shape)}")
+    op = fbs_program.program.op(gate.name)
+    x_lsb = _single_lsb(fbs_program.program.lsb[gate.input],
+                        f"input of FBS layer {gate.name!r}")
+    g_q = quantize_unsigned(_host_saliency(gate, x, x_lsb), gate.scale_lsb, gate.scale_bits)
+    active = golden.fbs_active(g_q, gate.density)
+    return g_q, active, g_q * op.bias[None, :] + gate.beta_q[None, :]
 
 
 @dataclasses.dataclass
