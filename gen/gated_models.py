@@ -66,8 +66,8 @@ def model_checkpoint(model: str, checkpoint: str | Path | None) -> str | None:
 
 
 def stored_dual_program(ck):  # noqa: ANN001, ANN201 - quant.checkpoint.Checkpoint -> BFPProgram
-    """The checkpoint's stored program when it has dual-precision ops (a PG / DFS program:
-    its gates and PACT exponents come from training, so it is used as is, never
+    """The checkpoint's stored program when it has dual-precision ops (a PG / DFS / CG
+    program: its gates and PACT exponents come from training, so it is used as is, never
     recalibrated), else None."""
     if ck.program is not None and any(op.dual_precision for op in ck.program.ops):
         return ck.program

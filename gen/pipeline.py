@@ -116,7 +116,7 @@ def step_model(st: GenState) -> GenState:
         ck = load_checkpoint(checkpoint, expect_model=backbone)
         st.model, st.model_kwargs = ck.model, ck.model_kwargs or kwargs
         if stored_dual_program(ck) is not None:
-            # a PG / DFS program: its gates and PACT exponents come from training, keep it
+            # a PG / DFS / CG program: its gates and PACT exponents come from training, keep it
             st.program, st.program_source = ck.program, checkpoint
     else:
         log.warning("no --checkpoint: %s uses seeded random weights (BN settled on random "

@@ -3,11 +3,13 @@
     python sw/deploy.py --model resnet20 --checkpoint ckpt.pt --out deploy/resnet20
     python sw/deploy.py --model resnet50 --out deploy/resnet50      # random weights (said so)
     python sw/deploy.py --model pg_resnet20                         # PG: dual-precision layers
+    python sw/deploy.py --model cg_resnet20                         # Channel Gating (dp_mode cg)
 
 The checkpoint is a calibrated dynacc checkpoint (``python -m dynacc.quant calibrate``) or a
-trained Precision Gating / DFS one (``train-pg`` / ``train-dfs``), whose stored program is
-exported as is; a gated model name (``pg_resnet20``) means its backbone with the
-digits-trained checkpoint of ``make gen`` and the hardware config ``configs/hw/dual.yaml``.
+trained Precision Gating / DFS / Channel Gating one (``train-pg`` / ``train-dfs`` /
+``train-cg``), whose stored program is exported as is; a gated model name (``pg_resnet20``,
+``cg_resnet20``) means its backbone with the digits-trained checkpoint of ``make gen`` and
+the hardware config ``configs/hw/dual.yaml``.
 
 The folder format is described in ``dynacc.sw.fileformat``; read it with
 ``dynacc.sw.reader.load_deploy``.

@@ -343,10 +343,12 @@ def deploy_model(model: str, out_dir: str | os.PathLike, hw: HwConfig, *,
     """Deploy ``model`` for ``hw`` into ``out_dir``.
 
     With ``checkpoint``: a calibrated dynacc checkpoint (``python -m dynacc.quant
-    calibrate``, or a ``train-pg`` / ``train-dfs`` one); its stored program is exported as is
-    (a dual-precision program's gates come from training; a DFS checkpoint also gives its host
-    gate and block layout), its ``meta['dataset']`` gives the input geometry. A gated model name (``pg_resnet20``, ``gen.gated_models``) means its
-    backbone with the digits-trained checkpoint of ``make gen`` (trained on first use).
+    calibrate``, or a ``train-pg`` / ``train-dfs`` / ``train-cg`` one); its stored program
+    is exported as is (a dual-precision program's gates come from training; a DFS checkpoint
+    also gives its host gate and block layout), its ``meta['dataset']`` gives the input
+    geometry. A gated model name (``pg_resnet20``, ``cg_resnet20``, ``gen.gated_models``)
+    means its backbone with the digits-trained checkpoint of ``make gen`` (trained on first
+    use).
     Without: seeded random weights, BN settled and calibrated (``method``, ``calib_images``
     random images) by the same steps as ``make gen`` (``gen.pipeline``).
     """
