@@ -95,7 +95,7 @@ def test_gen_report_counts_cg_work_and_cycles(cg_gen):
         assert x["cycles_gated_mean"] == pytest.approx(mean, abs=0.05)
         assert x["cycle_speedup"] == pytest.approx(l.cycles / mean, rel=1e-3)
         assert x["cycles_msb"] < x["cycles_gated_mean"] < x["cycles_dense"] == l.cycles
-        assert 0.85 < x["cycle_speedup"] / x["theoretical_speedup"] <= 1.0
+        assert 0.85 < x["cycle_speedup"] / x["theoretical_speedup"] < 1.05
     t = g["totals"]
     net = sum(l.cycles for l in lp.engine_layers)
     assert t["network_cycles_dense"] == net == rep["totals"]["cycles"]
