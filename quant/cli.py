@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_dfs(sub)
     _add_train_cg(sub)
     _add_train_fbs(sub)
+    _add_train_fusion(sub)
     return p
 
 
@@ -467,6 +468,90 @@ def _train_fbs(args: argparse.Namespace) -> int:
           f"FBS (float) {st['acc']:.2f} %  golden integer {gst['acc']:.2f} %  MAC reduction "
           f"{gst['mac_reduction']:.2f}x  (predictor {gst['predictor_macs']:.0f} MACs/image)")
     print(f"realised density per conv (golden): {dens}")
+    print(f"saved {out}")
+    return 0
+
+
+def _add_train_fusion(sub: argparse._SubParsersAction) -> None:
+    """``train-fusion``: vanilla -> pruned -> ReLU predictor -> fused integer golden model."""
+    from .train_fusion import FUSION_DEFAULTS as D
+
+    c = sub.add_parser("train-fusion", help="train a FusioNet (vanilla, pruned, ReLU predictor), "
+                                            "build the integer golden model of the fused "
+                                            "network, report accuracy, mask errors and "
+                                            "multiplication counts, save")
+    c.set_defaults(handler=_train_fusion)
+    c.add_argument("--model", default="fusionet_digits", metavar="NAME",
+                   help="network of fusion units: fusionet_digits (default: %(default)s)")
+    c.add_argument("--data", default="digits", metavar="NAME",
+                   help="dataset: digits (default: %(default)s)")
+    c.add_argument("--float-epochs", type=int, default=D["float_epochs"],
+                   help="vanilla training epochs (default: %(default)s)")
+    c.add_argument("--prune-epochs", type=int, default=D["prune_epochs"],
+                   help="epochs on the cubic pruning schedule (default: %(default)s)")
+    c.add_argument("--recover-epochs", type=int, default=D["recover_epochs"],
+                   help="recovery epochs with frozen masks (default: %(default)s)")
+    c.add_argument("--pred-epochs", type=int, default=D["pred_epochs"],
+                   help="predictor training epochs (default: %(default)s)")
+    c.add_argument("--lr", type=float, default=D["lr"], help="vanilla learning rate (default: %(default)s)")
+    c.add_argument("--prune-lr", type=float, default=D["prune_lr"],
+                   help="pruning learning rate (default: %(default)s)")
+    c.add_argument("--pred-lr", type=float, default=D["pred_lr"],
+                   help="predictor learning rate (default: %(default)s)")
+    c.add_argument("--batch-size", type=int, default=64, help="training batch (default: %(default)s)")
+    c.add_argument("--max-batches", type=int, default=None,
+                   help="cap batches per epoch (smoke runs)")
+    c.add_argument("--eval-images", type=int, default=None,
+                   help="first N test images only (default: the whole test split)")
+    c.add_argument("--calib-images", type=int, default=D["calib_images"],
+                   help="calibration images of the activation exponents (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    c.add_argument("--out", default=None, metavar="FILE",
+                   help="output checkpoint (default: build/<model>/<model>-<data>-fusion.pt)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_fusion(args: argparse.Namespace) -> int:
+    from .train_fusion import run_fusion, save_fusion_checkpoint
+
+    try:
+        if args.model != "fusionet_digits":
+            raise ValueError(f"unknown model {args.model!r} for train-fusion; known: "
+                             "fusionet_digits")
+        if args.data != "digits":
+            raise ValueError(f"train-fusion supports --data digits, not {args.data!r}")
+        for name in ("float_epochs", "prune_epochs", "recover_epochs", "pred_epochs"):
+            if getattr(args, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        splits = load_data(args.model, args.data, batch_size=args.batch_size, seed=args.seed)
+        r = run_fusion(splits, args.model, float_epochs=args.float_epochs,
+                       prune_epochs=args.prune_epochs, recover_epochs=args.recover_epochs,
+                       pred_epochs=args.pred_epochs, lr=args.lr, prune_lr=args.prune_lr,
+                       pred_lr=args.pred_lr, calib_images=args.calib_images, seed=args.seed,
+                       progress=not args.quiet, max_batches=args.max_batches,
+                       eval_images=args.eval_images)
+        res = r["results"]
+        out = Path(args.out or f"build/{args.model}/{args.model}-{args.data}-fusion.pt")
+        kwargs = {"num_classes": splits.num_classes, "in_channels": splits.shape[0]}
+        save_fusion_checkpoint(out, args.model, kwargs, r["pruned"], r["predicted"],
+                               meta={"dataset": args.data, **res,
+                                     "train": {k: getattr(args, k) for k in (
+                                         "float_epochs", "prune_epochs", "recover_epochs",
+                                         "pred_epochs", "lr", "prune_lr", "pred_lr",
+                                         "batch_size", "calib_images", "seed")}})
+    except (ValueError, FileNotFoundError, CheckpointError, OverflowError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    e = res["mask_error_rate"]
+    print(f"{args.model} on {args.data}: vanilla {res['vanilla_acc']:.2f} %  pruned "
+          f"{res['pruned_acc']:.2f} %  predicted (integer golden, fused) "
+          f"{res['predicted_acc']:.2f} %  (float predicted {res['predicted_float_acc']:.2f} %)")
+    print(f"mask misprediction: s1 {100 * e['s1']:.2f} %  s2 {100 * e['s2']:.2f} %")
+    print(f"mults/image over the fused blocks: dense {res['mults_dense']:.0f}  pruned "
+          f"{res['mults_pruned']:.0f}  fused {res['mults_fused']:.0f}  reduction "
+          f"{res['mult_reduction']:.2f}x (vs pruned {res['mult_reduction_vs_pruned']:.2f}x, "
+          f"whole network {res['mult_reduction_network']:.2f}x); adds: dense "
+          f"{res['adds_dense']:.0f}  pruned {res['adds_pruned']:.0f}  fused {res['adds_fused']:.0f}")
     print(f"saved {out}")
     return 0
 

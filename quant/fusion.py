@@ -19,7 +19,7 @@ weights, the predicted unit and the statistics.
 
 The predictor BNs are copies of the real BNs (running statistics frozen, γ/β trainable), so
 the predictor is an affine map of the integer ternary sum: ``v = k·acc + b`` with
-``k = γ/√(σ²+ε)·0.8·α`` and ``b = β − γ·μ/√(σ²+ε)`` (:meth:`PredictedUnit.affine`). With
+``k = γ/√(σ²+ε)·(0.8·α)`` and ``b = β − γ·μ/√(σ²+ε)`` (:meth:`PredictedUnit.affine`). With
 ``exact_masks`` (the default) the masks are computed from exactly these float64 constants, the
 form the integer golden model (``quant/fusion_golden.py``) turns into thresholds; training
 (``exact_masks = False``) uses the autograd form with straight-through estimators and the
@@ -37,7 +37,7 @@ from torch import nn
 
 from .models.fusionet import FusionUnit, channel_shuffle
 
-__all__ = ["Q4_STEP", "Q4_MIN", "Q4_MAX", "TWN_DELTA", "q4_levels", "fake_q4", "ternarize",
+__all__ = ["Q4_STEP", "Q4_MIN", "Q4_MAX", "TWN_DELTA", "q4_levels", "fake_q4", "ternarize", "dw3x3",
            "PredictedUnit", "predicted_units", "make_predicted", "set_exact_masks",
            "fusion_stats"]
 
@@ -84,6 +84,22 @@ def ternarize(w: torch.Tensor, slices: int) -> tuple[torch.Tensor, torch.Tensor,
     alpha = (ws.abs() * big).sum(dim=1) / big.sum(dim=1).clamp(min=1)
     return (t.reshape(w.shape).to(torch.int64), alpha.repeat_interleave(o // slices),
             delta.reshape(-1))
+
+
+def dw3x3(x: torch.Tensor, w: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """Depthwise 3×3 conv with zero padding 1 as a sum of 9 shifted products (any dtype,
+    exact for integers): ``y[c, p] = Σ_k w[c, k]·x[c, stride·p + k − 1]``; ``w``: ``[C, 9]``
+    or ``[C, 1, 3, 3]``. PyTorch has no fast int64/float64 depthwise kernel on CPU."""
+    n, c, h, wd = x.shape
+    ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
+    xp = F.pad(x, (1, 1, 1, 1))
+    wk = w.reshape(c, 9).to(x.dtype)
+    y = torch.zeros(n, c, ho, wo, dtype=x.dtype)
+    for k in range(9):
+        ky, kx = divmod(k, 3)
+        tap = xp[:, :, ky:ky + stride * (ho - 1) + 1:stride, kx:kx + stride * (wo - 1) + 1:stride]
+        y = y + tap * wk[None, :, k, None, None]
+    return y
 
 
 def _twn_ste(w: torch.Tensor, slices: int) -> torch.Tensor:
@@ -139,7 +155,7 @@ class PredictedUnit(nn.Module):
     @staticmethod
     def _bn_affine(bn: nn.BatchNorm2d, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        k = inv * Q4_STEP * alpha
+        k = inv * (Q4_STEP * alpha)
         b = bn.bias.detach().double() - inv * bn.running_mean.double()
         return k, b
 
@@ -157,7 +173,7 @@ class PredictedUnit(nn.Module):
         acc1 = F.conv2d(q4_levels(x), t1.double(), None, 1, 0, 1, u.groups)
         v1 = acc1 * k1[None, :, None, None] + b1[None, :, None, None]
         lv = q4_levels(torch.relu(v1))
-        acc2 = F.conv2d(lv, t2.double(), None, u.stride, 1, 1, u.mid)
+        acc2 = dw3x3(lv, t2.double(), u.stride)
         v2 = acc2 * k2[None, :, None, None] + b2[None, :, None, None]
         return v1 > 0, v2 > 0
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .formats import BFPFormat, WeightBlocking
 from .functional import quantize_bias, quantize_weight, requantize
+from .fusion import dw3x3
 
 __all__ = ["FusedBlock", "mask_threshold", "level_thresholds", "q4_from_mantissa",
            "predictor_masks", "accumulator_bounds", "unfused_acc", "fused_acc", "fused_block", "fold_bn",
@@ -152,7 +153,7 @@ def predictor_masks(blk: FusedBlock, x: torch.Tensor
     s1 = _cmp(acc1, blk.sign1, blk.thr1)
     sa = blk.sign1[None, :, None, None] * acc1
     level = (sa[:, :, None] > blk.lvl_thr[None, :, :, None, None]).sum(dim=2)
-    acc2 = F.conv2d(level, blk.t2.reshape(-1, 1, 3, 3), None, blk.stride, 1, 1, blk.mid)
+    acc2 = dw3x3(level, blk.t2, blk.stride)
     return s1, level, _cmp(acc2, blk.sign2, blk.thr2)
 
 
@@ -194,8 +195,7 @@ def unfused_acc(blk: FusedBlock, x: torch.Tensor, s1: torch.Tensor, s2: torch.Te
     _chk(float(accumulator_bounds(blk, xm).max()), "accumulator")
     h1 = F.conv2d(x, blk.w1[:, :, None, None], None, 1, 0, 1, blk.groups) + blk.b1[None, :, None, None]
     h1m = torch.where(s1, h1, torch.zeros_like(h1))
-    h2 = (F.conv2d(h1m, blk.d.reshape(-1, 1, 3, 3), None, blk.stride, 1, 1, blk.mid)
-          + blk.b2[None, :, None, None])
+    h2 = dw3x3(h1m, blk.d, blk.stride) + blk.b2[None, :, None, None]
     h2m = torch.where(s2, h2, torch.zeros_like(h2))
     yu = F.conv2d(h2m, w2s[:, :, None, None], None, 1, 0, 1, blk.groups) + blk.b3[None, :, None, None]
     y = yu[:, blk.perm]
@@ -276,6 +276,14 @@ def fused_block(blk: FusedBlock, x: torch.Tensor, out_lsb: int, fmt: BFPFormat,
 
 
 # ----------------------------------------------------------------------------- folding
+def _bias(b: torch.Tensor, lsb: torch.Tensor, what: str) -> torch.Tensor:
+    """Rule B1 rounding onto an exact product LSB, in a 62-bit container; refuses to saturate."""
+    v = quantize_bias(b, lsb, acc_bits=62)
+    if bool((v.abs() >= (1 << 61) - 1).any()):
+        raise OverflowError(f"fused block: bias {what} does not fit 62 bits on its LSB")
+    return v
+
+
 def fold_bn(w: torch.Tensor, bn) -> tuple[torch.Tensor, torch.Tensor]:
     """Rule B0 in float64: ``W' = W·γ/√(σ²+ε)``, ``b' = β − μ·γ/√(σ²+ε)``."""
     inv = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
@@ -307,8 +315,8 @@ def fold_predicted_unit(pu, x_lsb: int, fmt: BFPFormat) -> FusedBlock:
     d, _, dlc = quantize_weight(df, fmt, _PER_FILTER)
     w2, _, l2c = quantize_weight(w2f, fmt, _PER_FILTER)
     l1, dl, l2 = l1c[:, 0], dlc[:, 0], l2c[:, 0]
-    b1 = quantize_bias(b1f, l1 + x_lsb)
-    b2 = quantize_bias(b2f, dl + l1 + x_lsb)
+    b1 = _bias(b1f, l1 + x_lsb, 'b1')
+    b2 = _bias(b2f, dl + l1 + x_lsb, 'b2')
     mid_lsb = (dl + l1 + x_lsb).reshape(g, mid // g)               # [G, mid/G]
     og = cout // g
     prod = l2[:, None] + mid_lsb.repeat_interleave(og, dim=0)      # [out, mid/G]
@@ -319,7 +327,7 @@ def fold_predicted_unit(pu, x_lsb: int, fmt: BFPFormat) -> FusedBlock:
         acc_lsb = torch.minimum(acc_lsb, torch.full_like(acc_lsb, int(x_lsb)))
     shift = prod - acc_lsb[:, None]
     res_shift = (int(x_lsb) - acc_lsb[perm]) if use_res else torch.zeros(cout, dtype=torch.int64)
-    b3 = quantize_bias(b3f, acc_lsb)
+    b3 = _bias(b3f, acc_lsb, 'b3')
     i64 = lambda v: torch.as_tensor(v, dtype=torch.int64)  # noqa: E731
     return FusedBlock(
         in_ch=cin, mid=mid, out_ch=cout, groups=g, stride=u.stride, use_res=use_res,
@@ -357,8 +365,7 @@ def block_counts(blk: FusedBlock, s1: torch.Tensor, s2: torch.Tensor) -> dict[st
     for gi in range(g):
         col2[gi * mid_g:(gi + 1) * mid_g] = (blk.w2[gi * og:(gi + 1) * og] != 0).sum(0)
     row1 = (blk.w1 != 0).sum(1)
-    dnz = (blk.d != 0).to(torch.float64).reshape(-1, 1, 3, 3)
-    e = F.conv2d(s1.to(torch.float64), dnz, None, blk.stride, 1, 1, blk.mid)  # [N, mid, Ho, Wo]
+    e = dw3x3(s1.to(torch.float64), (blk.d != 0).to(torch.float64), blk.stride)  # [N, mid, Ho, Wo]
     s2f = s2.to(torch.float64)
     a_adds = float((s2f * e * (col2 * row1).double()[None, :, None, None]).sum()) / n
     c_terms = e * (blk.b1 != 0).double()[None, :, None, None] + (blk.b2 != 0).double()[None, :, None, None]
