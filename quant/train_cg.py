@@ -15,9 +15,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .cg import cg_flop_summary, cg_gating_loss, cg_layers
+from .train import run_epochs
 
 __all__ = ["CG_TRAIN_DEFAULTS", "train_cg", "cg_stats", "run_cg_sweep"]
 
@@ -35,7 +35,8 @@ def train_cg(model: nn.Module, splits: Any, epochs: int = 3, lr: float = 0.01,
              gate_target: float = 1.0, sigma_g: float = 1e-4, sparse_bp: bool = True,
              seed: int = 0, progress: bool = True, weight_decay: float = 1e-4,
              threshold_lr_scale: float = 1.0, max_batches: int | None = None) -> nn.Module:
-    """Fine-tune CG ``model`` on ``splits.train`` (SGD, momentum 0.9, cosine schedule).
+    """Fine-tune CG ``model`` on ``splits.train`` (SGD, momentum 0.9, cosine schedule;
+    :func:`~dynacc.quant.train.run_epochs`).
 
     Loss: cross-entropy + :func:`~dynacc.quant.cg.cg_gating_loss` (``sigma_g``,
     ``gate_target``). As in CG's code, weight decay applies to the multi-dimensional weights
@@ -63,27 +64,10 @@ def train_cg(model: nn.Module, splits: Any, epochs: int = 3, lr: float = 0.01,
                            {"params": groups["threshold"], "weight_decay": 0.0,
                             "lr": lr * threshold_lr_scale}],
                           lr=lr, momentum=0.9)
-    steps = epochs * (min(len(loader), max_batches) if max_batches else len(loader))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     ce = nn.CrossEntropyLoss()
-    bar = tqdm(range(epochs), desc="train-cg", unit="epoch", disable=not progress)
-    for _ in bar:
-        model.train()
-        tot, n, on, outs = 0.0, 0, 0, 0
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss = ce(model(x), y) + cg_gating_loss(model, gate_target, sigma_g)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * len(y)
-            n += len(y)
-            for _, m in cg_layers(model):
-                on, outs = on + m.last_gate[0], outs + m.last_gate[1]
-        bar.set_postfix(loss=f"{tot / max(n, 1):.4f}", sparsity=f"{1 - on / max(outs, 1):.3f}")
-    return model.eval()
+    return run_epochs(model, loader, opt,
+                      lambda x, y: ce(model(x), y) + cg_gating_loss(model, gate_target, sigma_g),
+                      epochs, "train-cg", progress, max_batches)
 
 
 @torch.no_grad()
