@@ -97,6 +97,8 @@ def mask_threshold(k: float, b: float, bound: int) -> tuple[int, int]:
     values of ``k`` and ``b`` (rationals), so a tie ``k·acc + b = 0`` gives mask 0 in both;
     ``k = 0``: always on (``T = −bound−1``) if ``b > 0``, else never (``T = bound``).
     ``T`` is clamped to ``[−bound−1, bound]`` (no decision changes)."""
+    if not (math.isfinite(k) and math.isfinite(b)):
+        raise ValueError(f"predictor affine is not finite (k={k}, b={b}): retrain the predictor")
     sign = 1 if k >= 0 else -1
     if k == 0:
         return sign, (-bound - 1 if b > 0 else bound)

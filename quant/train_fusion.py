@@ -31,9 +31,12 @@ FUSION_DEFAULTS: dict[str, Any] = {"float_epochs": 4, "prune_epochs": 2, "recove
 
 def train_epochs(model: nn.Module, train: DataLoader, epochs: int, lr: float, seed: int = 0,
                  progress: bool = True, max_batches: int | None = None, desc: str = "train",
-                 weight_decay: float = 5e-4) -> nn.Module:
+                 weight_decay: float = 5e-4, train_mode: bool = True,
+                 clip: float | None = None) -> nn.Module:
     """SGD (momentum 0.9, nesterov) with a cosine schedule over the parameters that require
-    gradients; ``max_batches`` caps the batches per epoch (smoke runs)."""
+    gradients; ``max_batches`` caps the batches per epoch (smoke runs). ``train_mode=False``
+    keeps every module in eval mode (frozen BN statistics); ``clip`` clips the gradient norm;
+    a batch with a non-finite loss is skipped (counted in the progress bar)."""
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
@@ -41,20 +44,27 @@ def train_epochs(model: nn.Module, train: DataLoader, epochs: int, lr: float, se
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * per))
     ce = nn.CrossEntropyLoss()
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
+    skipped = 0
     for _ in bar:
-        model.train()
+        model.train(train_mode)
         tot, n = 0.0, 0
         for i, (x, y) in enumerate(train):
             if max_batches is not None and i >= max_batches:
                 break
             opt.zero_grad(set_to_none=True)
             loss = ce(model(x), y)
+            if not torch.isfinite(loss):
+                skipped += 1
+                sched.step()
+                continue
             loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             sched.step()
             tot += float(loss.detach()) * len(y)
             n += len(y)
-        bar.set_postfix(loss=f"{tot / max(n, 1):.4f}")
+        bar.set_postfix(loss=f"{tot / max(n, 1):.4f}", skipped=skipped)
     return model.eval()
 
 
@@ -62,12 +72,14 @@ def train_predictor(pred: nn.Module, train: DataLoader, epochs: int = 3, lr: flo
                     seed: int = 0, progress: bool = True, max_batches: int | None = None
                     ) -> nn.Module:
     """Train the ternary latent weights and predictor BN affines with the real network frozen
-    (gradient routing of §5.5, ``exact_masks = False``); no weight decay. Eval mode after."""
+    (gradient routing of §5.5, ``exact_masks = False``); every BN keeps its running
+    statistics (eval mode throughout), gradient norm clipped to 5, no weight decay."""
     if not predicted_units(pred):
         raise ValueError("train_predictor needs a model with PredictedUnit layers")
     set_exact_masks(pred, False)
     try:
-        train_epochs(pred, train, epochs, lr, seed, progress, max_batches, "predictor", 0.0)
+        train_epochs(pred, train, epochs, lr, seed, progress, max_batches, "predictor", 0.0,
+                     train_mode=False, clip=5.0)
     finally:
         set_exact_masks(pred, True)
     return pred.eval()
