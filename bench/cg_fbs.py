@@ -155,7 +155,7 @@ def fbs_rtl(images: int, density: float) -> dict:
     rows, mac_dense, mac_fbs, cyc_dense, cyc_fbs = [], 0.0, 0.0, 0, 0
     for c, rg, rd in zip(cases, gated, full):
         o, cin = len(c["active_out"]), len(c["active_in"])
-        a_in, a_out = int(np.sum(c["active_in"])), int(np.sum(c["active_out"]))
+        a_in, a_out = int(np.asarray(c["active_in"]).sum()), int(np.asarray(c["active_out"]).sum())
         md, mf = cin * o, a_in * a_out              # per output pixel and kernel tap
         cg_cycles = rg.result.cycles if rg.result is not None else 0
         mac_dense += md
