@@ -122,7 +122,7 @@ def cg_rtl(images: int) -> dict:
     theoretical, measured = work_dense / work_cg, cyc_dense / cyc_cg
     return {"method": "cg", "theoretical": theoretical, "measured": measured,
             "ratio": measured / theoretical, "min_layer_ratio": min(r["ratio"] for r in rows),
-            "images": images, "partitions": cg[0] and pairs[0][0].partitions, "layers": rows,
+            "images": images, "partitions": pairs[0][0].partitions, "layers": rows,
             "sim_wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -156,17 +156,19 @@ def fbs_rtl(images: int, density: float) -> dict:
     for c, rg, rd in zip(cases, gated, full):
         o, cin = len(c["active_out"]), len(c["active_in"])
         a_in, a_out = int(np.asarray(c["active_in"]).sum()), int(np.asarray(c["active_out"]).sum())
-        md, mf = cin * o, a_in * a_out              # per output pixel and kernel tap
-        cg_cycles = rg.result.cycles if rg.result is not None else 0
+        ho, wo = rd.out.shape[1:]
+        taps = int(np.prod(np.shape(c["w"])[2:])) * ho * wo
+        md, mf = cin * o * taps, a_in * a_out * taps    # MACs of the layer, dense / active
+        fbs_cycles = rg.result.cycles if rg.result is not None else 0
         mac_dense += md
         mac_fbs += mf
         cyc_dense += rd.result.cycles
-        cyc_fbs += cg_cycles
+        cyc_fbs += fbs_cycles
         rows.append({"layer": c["name"], "active_in": a_in, "active_out": a_out,
-                     "cycles_dense": rd.result.cycles, "cycles_gated": cg_cycles,
-                     "theoretical": md / max(mf, 1), "measured": rd.result.cycles / max(cg_cycles, 1)})
+                     "cycles_dense": rd.result.cycles, "cycles_gated": fbs_cycles,
+                     "theoretical": md / max(mf, 1), "measured": rd.result.cycles / max(fbs_cycles, 1)})
         print(f"FBS {c['name']:26s} in {a_in:2d}/{cin:2d} out {a_out:2d}/{o:2d}  theoretical "
-              f"{md / max(mf, 1):5.2f}  measured {rd.result.cycles / max(cg_cycles, 1):5.2f}  "
+              f"{md / max(mf, 1):5.2f}  measured {rd.result.cycles / max(fbs_cycles, 1):5.2f}  "
               "bit-exact", flush=True)
     theoretical, measured = mac_dense / mac_fbs, cyc_dense / cyc_fbs
     return {"method": "fbs", "theoretical": theoretical, "measured": measured,
