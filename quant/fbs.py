@@ -39,8 +39,9 @@ from .golden import fbs_active
 from .models.fbs_cnn import FBS_CNN_LAYERS, FBSCNN
 from .pg import PACT, pact_lsb, quantize_unsigned
 
-__all__ = ["FBS_ACT_BITS", "FBS_SCALE_BITS", "check_density", "FBSConv2d", "FBSGatedCNN", "fbs_layers",
-           "fbs_from_dense", "saliency_l1", "ConvGeometry", "conv_geometries", "fbs_mac_counts"]
+__all__ = ["FBS_ACT_BITS", "FBS_SCALE_BITS", "check_density", "FBSConv2d", "FBSGatedCNN",
+           "fbs_layers", "fbs_from_dense", "saliency_l1", "ConvGeometry", "conv_geometries",
+           "fbs_mac_counts"]
 
 #: activation bits of every FBS conv input (unsigned, rule G0).
 FBS_ACT_BITS = 8
@@ -200,13 +201,14 @@ def saliency_l1(model: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def fbs_from_dense(dense: FBSCNN, calib_images: torch.Tensor, density: float = 1.0,
-                   alpha: float = 6.0) -> FBSGatedCNN:
+                   alpha: float = 6.0, seed: int = 0) -> FBSGatedCNN:
     """FBS model initialised from a trained dense :class:`FBSCNN`: conv weights, BN running
     statistics (BN_na's start) and the classifier are copied; φ, ρ, β start as FBS's (the
     dense BN's γ/β have no place: g and β replace them and learn in the warm-up).
 
     ``calib_images`` fix the input quantizer: ``input_offset = −min(x)`` (0 when the images
-    are already non-negative) and ``input_alpha = max(x + offset)``.
+    are already non-negative) and ``input_alpha = max(x + offset)``. φ is drawn after
+    ``torch.manual_seed(seed)``, so the model depends on nothing but its arguments.
     """
     if not isinstance(dense, FBSCNN):
         raise ValueError(f"FBS needs the dense fbs_cnn backbone, not {type(dense).__name__}")
@@ -215,6 +217,7 @@ def fbs_from_dense(dense: FBSCNN, calib_images: torch.Tensor, density: float = 1
     top = float((x + offset).max())
     if not top > 0:
         raise ValueError("the calibration images are all equal: no input range")
+    torch.manual_seed(seed)
     model = FBSGatedCNN(dense.fc.out_features, dense.conv1.in_channels, density=density,
                         input_offset=offset, input_alpha=top, alpha=alpha)
     for i, m in enumerate(model.convs(), start=1):

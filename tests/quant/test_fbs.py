@@ -140,6 +140,11 @@ def test_from_dense_copies_the_backbone():
     assert torch.equal(fbs.conv3.bn.running_var, dense.bn3.running_var)
     assert torch.equal(fbs.fc.weight, dense.fc.weight)
     assert [n for n, _ in fbs_layers(fbs)] == [f"conv{i}" for i in range(1, 9)]
+    torch.randn(5)                                   # another global RNG state: same model
+    again = fbs_from_dense(dense, x)
+    for (k, a), b in zip(fbs.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not torch.equal(fbs_from_dense(dense, x, seed=1).conv1.phi, fbs.conv1.phi)
     with pytest.raises(ValueError, match="fbs_cnn"):
         fbs_from_dense(torch.nn.Linear(2, 2), x)
     with pytest.raises(ValueError, match="density"):
