@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_result  # noqa: E402
+from common import BENCH_DIR, write_result  # noqa: E402
 
 CG_PARTITIONS = [2, 4]
 FBS_DENSITIES = [1.0, 0.75, 0.5, 0.375]
@@ -196,10 +197,13 @@ def main() -> int:
     p.add_argument("--images", type=int, default=2, help="test images for rtl_speedup")
     p.add_argument("--fbs-density", type=float, default=0.5, help="FBS density of rtl_speedup")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update", action="store_true",
+                   help="keep the other sections of an existing build/bench/cg_fbs.json")
     args = p.parse_args()
     wanted = set(args.sections.split(","))
     t0 = time.perf_counter()
-    res: dict = {}
+    old = BENCH_DIR / "cg_fbs.json"
+    res: dict = json.loads(old.read_text()) if args.update and old.exists() else {}
     if "cg" in wanted:
         res["cg"] = cg_section(args.seed)
     if "fbs" in wanted:
@@ -209,7 +213,7 @@ def main() -> int:
         for r in res["rtl_speedup"]:
             print(f"rtl_speedup {r['method']}: theoretical {r['theoretical']:.3f}, measured "
                   f"{r['measured']:.3f}, ratio {r['ratio']:.3f} (target >= 0.9)")
-    out_dir = Path("build/bench")
+    out_dir = BENCH_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     res["plots"] = plots(res, out_dir)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
