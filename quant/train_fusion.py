@@ -36,7 +36,8 @@ def train_epochs(model: nn.Module, train: DataLoader, epochs: int, lr: float, se
     """SGD (momentum 0.9, nesterov) with a cosine schedule over the parameters that require
     gradients; ``max_batches`` caps the batches per epoch (smoke runs). ``train_mode=False``
     keeps every module in eval mode (frozen BN statistics); ``clip`` clips the gradient norm;
-    a batch with a non-finite loss is skipped (counted in the progress bar)."""
+    a batch with a non-finite loss (or, with ``clip``, gradient norm) is skipped and
+    counted in the progress bar."""
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
@@ -59,7 +60,11 @@ def train_epochs(model: nn.Module, train: DataLoader, epochs: int, lr: float, se
                 continue
             loss.backward()
             if clip is not None:
-                nn.utils.clip_grad_norm_(params, clip)
+                norm = nn.utils.clip_grad_norm_(params, clip)
+                if not torch.isfinite(norm):
+                    skipped += 1
+                    sched.step()
+                    continue
             opt.step()
             sched.step()
             tot += float(loss.detach()) * len(y)
