@@ -1,6 +1,7 @@
 """The integer FBS program: golden output vs a direct recomputation, the calibrated saliency
 scale, ``fbs_layer_cases`` consistency, checkpoint round trip and the ``train-fbs`` CLI."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -95,6 +96,10 @@ def test_golden_equals_direct_recomputation(fbs_setup):
 def test_golden_tracks_the_float_model(fbs_setup):
     model, fp, calib = fbs_setup
     run = run_fbs_golden(fp, calib)
+    model = copy.deepcopy(model)
+    for g, m in zip(fp.gates, model.convs()):       # the float model on the program's scales
+        m.saliency_max.fill_(255 * 2.0 ** g.scale_lsb)
+        assert m.saliency_lsb(run.saliency[g.name]) == g.scale_lsb
     with torch.no_grad():
         logits = model(calib)
         q = model.quantize_input(calib)
