@@ -8,7 +8,7 @@ algorithms.md §3.1). For a conv with input ``x`` (``C_in`` channels) and ``C`` 
 * saliency ``g = ReLU(φ·s + ρ)`` ``[N, C]`` (φ truncated-normal σ 0.05, ρ = 1);
 * the saliency is quantized as the program quantizes it: ``g_q = clamp(round_half_even(g /
   2^l), 0, 2^8 − 1)`` with ``l`` the smallest exponent with ``(2^8 − 1)·2^l >= max g`` (the
-  batch max in training, a running max in eval; the program calibrates its own). The forward
+  batch max in training, its moving average in eval; the program calibrates its own). The forward
   uses ``g_q·2^l`` with a straight-through gradient. Without it the float model ranks
   channels by saliency differences far below the 8-bit step (g starts at ρ = 1 ± a few %),
   and the program's decisions, ties included, would not be the ones it was trained with;
@@ -21,8 +21,8 @@ algorithms.md §3.1). For a conv with input ``x`` (``C_in`` channels) and ``C`` 
   :class:`~dynacc.quant.pg.PACT`), because the dual-precision engine takes unsigned
   activations (rule G0). An inactive channel is exactly 0, so the next layer can skip it.
 
-Weights stay float in training (the program quantizes them to BFP after folding BN_na) and
-the saliency is float (the program quantizes it to 8 bits on a calibrated scale).
+Weights stay float in training (the program quantizes them to BFP after folding BN_na); the
+program calibrates its own saliency scales on the integer network (``quant/fbs_program.py``).
 """
 
 from __future__ import annotations

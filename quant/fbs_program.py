@@ -180,28 +180,39 @@ def _calibrate_scale(gate: FBSGate, op: Any, g: torch.Tensor) -> None:
     gate.beta_q = quantize_bias(gate.beta, op.acc_lsb + gate.scale_lsb)
 
 
-@torch.no_grad()
-def fbs_host_step(fbs_program: FBSProgram, gate: FBSGate | str, x_int: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The host side of FBS conv ``gate`` (an :class:`FBSGate` or its name) on its integer
-    input ``x_int [N, C, H, W]`` (e.g. the previous layer's RTL output): ``(scale, active,
-    bias)``, each ``[N, O]``: ``g_q`` (int64), the FBS1 decisions on the integers (bool) and
-    the per-image bias on LSB ``acc_lsb + scale_lsb`` (int64, rule FBS6). The same steps as
-    :func:`run_fbs_golden`."""
-    if isinstance(gate, str):
-        gate = fbs_program.gate(gate)
-    if gate.scale_lsb is None or gate.beta_q is None:
-        raise ValueError(f"FBS layer {gate.name!r} has no calibrated saliency scale")
-    x = torch.as_tensor(x_int)
+def _host(fbs_program: FBSProgram, gate: FBSGate, x: torch.Tensor, calibrate: bool = False
+          ) -> tuple[torch.Tensor, ...]:
+    """The host side of FBS conv ``gate`` on its integer input ``x [N, C, H, W]``: ``(g, g_q,
+    active, bias)`` (rules FBS5-FBS6); with ``calibrate`` it first sets the gate's static
+    ``scale_lsb`` and ``beta_q`` from these images."""
     if x.dim() != 4:
         raise ValueError(f"FBS layer {gate.name!r}: x_int must be [N, C, H, W], got "
                          f"{tuple(x.shape)}")
     op = fbs_program.program.op(gate.name)
     x_lsb = _single_lsb(fbs_program.program.lsb[gate.input],
                         f"input of FBS layer {gate.name!r}")
-    g_q = quantize_unsigned(_host_saliency(gate, x, x_lsb), gate.scale_lsb, gate.scale_bits)
+    g = _host_saliency(gate, x, x_lsb)
+    if calibrate:
+        _calibrate_scale(gate, op, g)
+    if gate.scale_lsb is None or gate.beta_q is None:
+        raise ValueError(f"FBS layer {gate.name!r} has no calibrated saliency scale")
+    g_q = quantize_unsigned(g, gate.scale_lsb, gate.scale_bits)
     active = golden.fbs_active(g_q, gate.density)
-    return g_q, active, g_q * op.bias[None, :] + gate.beta_q[None, :]
+    return g, g_q, active, g_q * op.bias[None, :] + gate.beta_q[None, :]
+
+
+@torch.no_grad()
+def fbs_host_step(fbs_program: FBSProgram, gate: FBSGate | str, x_int: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The host side of FBS conv ``gate`` (an :class:`FBSGate` or its name) on its integer
+    input ``x_int [N, C, H, W]`` (e.g. the previous layer's RTL output): ``(scale, active,
+    bias)``, each ``[N, O]``: ``g_q`` (int64), the FBS1 decisions on the integers (bool) and
+    the per-image bias on LSB ``acc_lsb + scale_lsb`` (int64, rule FBS6). The same code as
+    :func:`run_fbs_golden`'s host steps."""
+    if isinstance(gate, str):
+        gate = fbs_program.gate(gate)
+    _, g_q, active, bias = _host(fbs_program, gate, torch.as_tensor(x_int))
+    return g_q, active, bias
 
 
 @dataclasses.dataclass
@@ -222,17 +233,10 @@ def _fbs_conv(fp: FBSProgram, gate: FBSGate, x: torch.Tensor, run: FBSGoldenRun,
               calibrate: bool) -> torch.Tensor:
     prog = fp.program
     op = prog.op(gate.name)
-    x_lsb = _single_lsb(prog.lsb[gate.input], f"input of FBS layer {gate.name!r}")
-    g = _host_saliency(gate, x, x_lsb)
-    if calibrate:
-        _calibrate_scale(gate, op, g)
-    if gate.scale_lsb is None or gate.beta_q is None:
-        raise ValueError(f"FBS layer {gate.name!r} has no calibrated saliency scale")
-    g_q = quantize_unsigned(g, gate.scale_lsb, gate.scale_bits)
-    active = golden.fbs_active(g_q, gate.density)
-    bias = g_q * op.bias[None, :] + gate.beta_q[None, :]
-    acc_s, acc_lsb = golden.fbs_conv2d(x, x_lsb, op.weight, op.w_lsb, bias, active=active,
-                                       scale=g_q, stride=op.stride, padding=op.padding)
+    g, g_q, active, bias = _host(fp, gate, x, calibrate)
+    acc_s, acc_lsb = golden.fbs_conv2d(x, prog.lsb[gate.input], op.weight, op.w_lsb, bias,
+                                       active=active, scale=g_q, stride=op.stride,
+                                       padding=op.padding)
     m = requantize(acc_s, (op.out_lsb - acc_lsb - gate.scale_lsb)[None, :, None, None], prog.fmt)
     run.saliency[gate.name], run.scale[gate.name] = g, g_q
     run.active[gate.name], run.bias[gate.name] = active, bias
