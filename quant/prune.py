@@ -6,6 +6,12 @@
   than ``1 − s`` may survive); ``k = 0`` keeps everything;
 * schedule ``s_t = s_f + (s_i − s_f)(1 − t/T)^3`` over ``T`` optimizer steps (``s_i = 0``),
   masks recomputed after every batch; then recovery fine-tuning with the masks frozen;
+* then the BN running statistics are recomputed on the training images
+  (:func:`recalibrate_bn`): a channel whose weights are all pruned outputs exactly 0, but its
+  running mean and variance only decay by the momentum (0.9 per step) and their ratio
+  ``μ/√(σ² + ε)`` even slower, so in eval mode it keeps a spurious constant
+  ``−γ·μ/√(σ² + ε)`` (often large) that training mode never sees; the last, small batch of
+  each epoch (3 digits images) also weighs 10 % in the running statistics;
 * targets: 0.8 for 1×1 / grouped convs, 0.7 for depthwise convs; the stem (first conv) and
   the classifier are not pruned.
 """
@@ -20,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 __all__ = ["POINTWISE_SPARSITY", "DEPTHWISE_SPARSITY", "cubic_sparsity", "magnitude_mask",
-           "prunable_layers", "Pruner", "train_pruned"]
+           "prunable_layers", "Pruner", "recalibrate_bn", "train_pruned"]
 
 POINTWISE_SPARSITY = 0.8
 DEPTHWISE_SPARSITY = 0.7
@@ -86,12 +92,42 @@ class Pruner:
         return {n: float((m.weight == 0).float().mean()) for n, m, _ in self.layers}
 
 
-def train_pruned(model: nn.Module, train: DataLoader, prune_epochs: int = 3,
-                 recover_epochs: int = 2, lr: float = 0.02, weight_decay: float = 1e-4,
-                 seed: int = 0, progress: bool = True, max_batches: int | None = None) -> Pruner:
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, train: DataLoader, images: int | None = None,
+                   chunk: int = 2048) -> None:
+    """Recompute every BatchNorm's running mean/variance on the first ``images`` (default all)
+    training images, in fixed order: one forward in train mode per ``chunk`` images, averaged
+    over the chunks (exact population statistics when one chunk holds them all, as for
+    digits). Leaves the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    ds = train.dataset
+    n = len(ds) if images is None else min(images, len(ds))
+    if not bns or n == 0:
+        model.eval()
+        return
+    moms = [b.momentum for b in bns]
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None          # cumulative average over the chunks
+    model.train()
+    try:
+        for lo in range(0, n, chunk):
+            model(torch.stack([ds[i][0] for i in range(lo, min(n, lo + chunk))]))
+    finally:
+        for b, m in zip(bns, moms):
+            b.momentum = m
+        model.eval()
+
+
+def train_pruned(model: nn.Module, train: DataLoader, prune_epochs: int = 4,
+                 recover_epochs: int = 6, lr: float = 0.05, weight_decay: float = 1e-4,
+                 seed: int = 0, progress: bool = True, max_batches: int | None = None,
+                 recalibrate: bool = True) -> Pruner:
     """Prune ``model`` in place: ``prune_epochs`` on the cubic schedule (masks after every
     batch, final sparsity reached on the last step), then ``recover_epochs`` with the masks
-    frozen. SGD momentum 0.9, cosine learning rate. Returns the :class:`Pruner` (final masks)."""
+    frozen. SGD momentum 0.9, cosine learning rate. ``recalibrate``: recompute the BN running
+    statistics afterwards (:func:`recalibrate_bn`, on ``max_batches · batch size`` images when
+    capped). Returns the :class:`Pruner` (final masks); the model is left in eval mode."""
     torch.manual_seed(seed)
     pr = Pruner(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -125,4 +161,8 @@ def train_pruned(model: nn.Module, train: DataLoader, prune_epochs: int = 3,
             n += len(y)
         bar.set_postfix(loss=f"{tot / max(n, 1):.4f}",
                         phase="prune" if ep < prune_epochs else "recover")
+    if recalibrate:
+        cap = None if max_batches is None else max_batches * (train.batch_size or 1)
+        recalibrate_bn(model, train, cap)
+    model.eval()
     return pr

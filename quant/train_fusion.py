@@ -24,8 +24,8 @@ from .prune import train_pruned
 __all__ = ["FUSION_DEFAULTS", "train_epochs", "train_predictor", "other_mults", "run_fusion",
            "run_fusion_bench", "save_fusion_checkpoint", "load_fusion_checkpoint"]
 
-FUSION_DEFAULTS: dict[str, Any] = {"float_epochs": 4, "prune_epochs": 2, "recover_epochs": 2,
-                                   "pred_epochs": 3, "lr": 0.05, "prune_lr": 0.02,
+FUSION_DEFAULTS: dict[str, Any] = {"float_epochs": 4, "prune_epochs": 4, "recover_epochs": 6,
+                                   "pred_epochs": 3, "lr": 0.05, "prune_lr": 0.05,
                                    "pred_lr": 0.01, "calib_images": 200}
 
 

@@ -11,7 +11,8 @@ from dynacc.quant.fusion_golden import (accumulator_bounds, block_counts, fold_p
                                         fused_acc, fused_block, level_thresholds, mask_threshold,
                                         predictor_masks, q4_from_mantissa, unfused_acc)
 from dynacc.quant.models.fusionet import FusionUnit, channel_shuffle, fusionet_digits, shuffle_permutation
-from dynacc.quant.prune import Pruner, cubic_sparsity, magnitude_mask, prunable_layers
+from dynacc.quant.prune import (Pruner, cubic_sparsity, magnitude_mask, prunable_layers,
+                                train_pruned)
 
 F8 = BFPFormat(8, 8)
 
@@ -83,6 +84,36 @@ def test_cubic_schedule_and_magnitude_ties():
     sp = pr.sparsity()
     assert sp["units.2.expand"] == pytest.approx(0.8, abs=1e-3)
     assert sp["units.1.dw"] == pytest.approx(0.7, abs=2e-3)
+
+
+def _dead_expand_channels(net):
+    w = net.units[0].expand.weight.detach().reshape(net.units[0].mid, -1)
+    return (w == 0).all(dim=1)
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_pruned_bn_statistics_of_dead_channels(recalibrate):
+    """A channel whose weights are all pruned outputs 0; without recalibration its running
+    statistics only decay (eval mode adds a spurious constant), with it they are exactly 0."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.rand(48, 1, 16, 16, generator=g), torch.randint(0, 10, (48,), generator=g))
+    torch.manual_seed(0)
+    net = fusionet_digits()
+    train_pruned(net, DataLoader(ds, batch_size=16), 1, 1, 0.05, progress=False,
+                 recalibrate=recalibrate)
+    assert not net.training
+    dead = _dead_expand_channels(net)
+    assert dead.sum() > 0                       # 4 weights per filter, 80 % pruned
+    bn = net.units[0].bn1
+    stale = bn.running_mean[dead].abs().max() > 0 or bn.running_var[dead].max() > 0
+    assert bool(stale) != recalibrate
+    if recalibrate:                             # population statistics of the 48 images
+        x = torch.stack([ds[i][0] for i in range(48)])
+        with torch.no_grad():
+            h = net.units[0].expand(torch.relu(net.stem_bn(net.stem(x))))
+        assert torch.allclose(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=1e-3, atol=1e-5)
 
 
 def test_channel_shuffle_permutation():
