@@ -23,6 +23,7 @@ ORDER = [
     "dual_speedup.py",
     "pg_dfs.py",
     "cg_fbs.py",
+    "fusion.py",
 ]
 
 

@@ -121,7 +121,10 @@ class PredictedUnit(nn.Module):
     """A fusion unit whose inner ReLUs are replaced by predicted masks (see module doc).
 
     ``unit`` is the real (pruned) unit, kept frozen; ``t1_w``/``t2_w`` are the latent
-    ternary weights (initialised from the real ``expand``/``dw`` weights), ``bn_p1``/``bn_p2``
+    ternary weights (initialised from the real ``expand``/``dw`` weights; where those are
+    pruned the ternary weight stays 0: a pruned-away expand channel outputs exactly 0, its BN
+    variance is 0 and its ``γ/√(σ²+ε)`` ≈ 316·γ would otherwise blow up the latent gradients
+    and, under the norm clip, stall the rest of the predictor), ``bn_p1``/``bn_p2``
     the predictor BNs (copies of ``bn1``/``bn2``). After a forward ``last`` holds the masks and
     the real ReLU outcomes of that batch: ``(s1, r1, s2, r2)`` bool tensors, ``r1 = [BN1(W1 x)
     > 0]``, ``r2 = [BN2(D h1) > 0]`` on the masked ``h1``."""
@@ -133,6 +136,9 @@ class PredictedUnit(nn.Module):
             p.requires_grad_(False)
         self.t1_w = nn.Parameter(unit.expand.weight.detach().clone())
         self.t2_w = nn.Parameter(unit.dw.weight.detach().clone())
+        # the ternary weights keep the pruned zeros (derived from the unit, not saved)
+        self.register_buffer("keep1", unit.expand.weight.detach() != 0, persistent=False)
+        self.register_buffer("keep2", unit.dw.weight.detach() != 0, persistent=False)
         self.bn_p1 = _frozen_bn_copy(unit.bn1)
         self.bn_p2 = _frozen_bn_copy(unit.bn2)
         self.exact_masks = True
@@ -148,9 +154,17 @@ class PredictedUnit(nn.Module):
 
     def ternary(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """``((t1, α1), (t2, α2))``: ternary weights (int64) and α per output channel."""
-        t1, a1, _ = ternarize(self.t1_w, self.unit.groups)
-        t2, a2, _ = ternarize(self.t2_w, 1)
+        t1, a1, _ = ternarize(self.latent1(), self.unit.groups)
+        t2, a2, _ = ternarize(self.latent2(), 1)
         return (t1, a1), (t2, a2)
+
+    def latent1(self) -> torch.Tensor:
+        """``t1_w`` with the expand's pruned weights held at 0 (no gradient reaches them)."""
+        return self.t1_w * self.keep1.to(self.t1_w.dtype)
+
+    def latent2(self) -> torch.Tensor:
+        """``t2_w`` with the depthwise conv's pruned weights held at 0."""
+        return self.t2_w * self.keep2.to(self.t2_w.dtype)
 
     @staticmethod
     def _bn_affine(bn: nn.BatchNorm2d, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,12 +200,12 @@ class PredictedUnit(nn.Module):
             h2r = u.bn2(u.dw(h1))
             h2 = torch.where(s2, h2r, torch.zeros_like(h2r))
         else:
-            z1 = F.conv2d(fake_q4(x), _twn_ste(self.t1_w, u.groups), None, 1, 0, 1, u.groups)
+            z1 = F.conv2d(fake_q4(x), _twn_ste(self.latent1(), u.groups), None, 1, 0, 1, u.groups)
             v1 = self.bn_p1(z1)
             y1 = torch.relu(v1)
             s1 = v1 > 0
             h1 = y1 + (torch.where(s1, h1r, torch.zeros_like(h1r)) - y1).detach()
-            z2 = F.conv2d(fake_q4(y1), _twn_ste(self.t2_w, 1), None, u.stride, 1, 1, u.mid)
+            z2 = F.conv2d(fake_q4(y1), _twn_ste(self.latent2(), 1), None, u.stride, 1, 1, u.mid)
             v2 = self.bn_p2(z2)
             y2 = torch.relu(v2)
             s2 = v2 > 0

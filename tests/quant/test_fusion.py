@@ -94,7 +94,8 @@ def _dead_expand_channels(net):
 @pytest.mark.parametrize("recalibrate", [False, True])
 def test_pruned_bn_statistics_of_dead_channels(recalibrate):
     """A channel whose weights are all pruned outputs 0; without recalibration its running
-    statistics only decay (eval mode adds a spurious constant), with it they are exactly 0."""
+    statistics only decay (eval mode adds a spurious constant), with it they are exactly 0
+    (recalibrated on max_batches · batch = 16 images)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     g = torch.Generator().manual_seed(0)
@@ -102,15 +103,15 @@ def test_pruned_bn_statistics_of_dead_channels(recalibrate):
     torch.manual_seed(0)
     net = fusionet_digits()
     train_pruned(net, DataLoader(ds, batch_size=16), 1, 1, 0.05, progress=False,
-                 recalibrate=recalibrate)
+                 max_batches=1, recalibrate=recalibrate)
     assert not net.training
     dead = _dead_expand_channels(net)
     assert dead.sum() > 0                       # 4 weights per filter, 80 % pruned
     bn = net.units[0].bn1
     stale = bn.running_mean[dead].abs().max() > 0 or bn.running_var[dead].max() > 0
     assert bool(stale) != recalibrate
-    if recalibrate:                             # population statistics of the 48 images
-        x = torch.stack([ds[i][0] for i in range(48)])
+    if recalibrate:                             # population statistics of the 16 images
+        x = torch.stack([ds[i][0] for i in range(16)])
         with torch.no_grad():
             h = net.units[0].expand(torch.relu(net.stem_bn(net.stem(x))))
         assert torch.allclose(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=1e-3, atol=1e-5)
@@ -292,3 +293,22 @@ def test_make_predicted_wraps_every_unit():
     assert len(predicted_units(p)) == 3
     assert not any(q.requires_grad for q in p.stem.parameters())
     assert p(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_predictor_keeps_pruned_zeros():
+    """Ternary weights stay 0 where the real weights are pruned; no gradient reaches them."""
+    u = _random_unit(8, 8, 4, 1, seed=2)
+    with torch.no_grad():
+        u.expand.weight[::3] = 0
+        u.dw.weight[:, :, 0, :] = 0
+    pu = PredictedUnit(u)
+    pu.exact_masks = False
+    with torch.no_grad():
+        pu.t1_w.add_(1.0)
+        pu.t2_w.add_(1.0)
+    pu(torch.randn(2, 8, 4, 4)).square().sum().backward()
+    (t1, _), (t2, _) = pu.ternary()
+    assert (t1[u.expand.weight == 0] == 0).all() and (t2[u.dw.weight == 0] == 0).all()
+    assert (pu.t1_w.grad[u.expand.weight == 0] == 0).all()
+    assert (pu.t2_w.grad[u.dw.weight == 0] == 0).all()
+    assert pu.t1_w.grad.abs().sum() > 0
