@@ -20,6 +20,8 @@ __all__ = ["gate_values", "random_dual_layer", "fit_dual_out_lsb", "random_cg_la
 
 
 def _t(a) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.to(torch.int64)
     return torch.as_tensor(np.array(a, dtype=np.int64))
 
 
