@@ -225,6 +225,23 @@ def split_msb_lsb(x: torch.Tensor, act_bits: int, msb_bits: int) -> tuple[torch.
     return torch.bitwise_right_shift(x, lsb_bits), torch.bitwise_and(x, (1 << lsb_bits) - 1)
 
 
+def _gate(value: torch.Tensor, threshold: torch.Tensor | None, sign: torch.Tensor | None,
+          mode: str) -> torch.Tensor:
+    """Rules G3 / CG2: ``passed = sign[o] * value > threshold[o]`` (strict, integers) in mode
+    ``gated``; everything passes in ``full``, nothing in ``msb``. ``value``: ``[N, O, H, W]``."""
+    if mode != "gated":
+        return torch.full_like(value, mode == "full", dtype=torch.bool)
+    if threshold is None:
+        raise ValueError("mode 'gated' needs a threshold per filter")
+    o = value.shape[1]
+    t = torch.as_tensor(threshold, dtype=torch.int64).reshape(-1).expand(o)
+    s = (torch.ones(o, dtype=torch.int64) if sign is None
+         else torch.as_tensor(sign, dtype=torch.int64).reshape(-1).expand(o))
+    if bool(((s != 1) & (s != -1)).any()):
+        raise ValueError("gate sign must be +1 or -1 per filter")
+    return s[None, :, None, None] * value > t[None, :, None, None]
+
+
 def dual_precision_conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Tensor,
                           w_lsb: torch.Tensor, bias: torch.Tensor | None, *, act_bits: int,
                           msb_bits: int, threshold: torch.Tensor | None = None,
@@ -253,18 +270,7 @@ def dual_precision_conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.T
     acc_hb, acc_lsb = conv2d_acc(x_hb, x_lsb, w, w_lsb, None, stride, padding, groups)
     acc_lb, _ = conv2d_acc(x_lb, x_lsb, w, w_lsb, None, stride, padding, groups)
     hb = torch.bitwise_left_shift(acc_hb, lsb_bits)
-    o = w.shape[0]
-    if mode == "gated":
-        if threshold is None:
-            raise ValueError("mode 'gated' needs a threshold per filter")
-        t = torch.as_tensor(threshold, dtype=torch.int64).reshape(-1).expand(o)
-        s = (torch.ones(o, dtype=torch.int64) if sign is None
-             else torch.as_tensor(sign, dtype=torch.int64).reshape(-1).expand(o))
-        if bool(((s != 1) & (s != -1)).any()):
-            raise ValueError("gate sign must be +1 or -1 per filter")
-        passed = s[None, :, None, None] * hb > t[None, :, None, None]
-    else:
-        passed = torch.full_like(hb, mode == "full", dtype=torch.bool)
+    passed = _gate(hb, threshold, sign, mode)
     acc = hb + torch.where(passed, acc_lb, torch.zeros_like(acc_lb))
     if bias is not None:
         acc = acc + bias.to(torch.int64)[None, :, None, None]
@@ -311,15 +317,7 @@ def channel_gated_conv2d(x: torch.Tensor, x_lsb: torch.Tensor | int, w: torch.Te
     w64 = w.to(torch.int64)
     acc_base, acc_lsb = conv2d_acc(x, x_lsb, w64 * mask, w_lsb, None, stride, padding)
     acc_rest, _ = conv2d_acc(x, x_lsb, w64 * ~mask, w_lsb, None, stride, padding)
-    if mode == "gated":
-        t = torch.as_tensor(threshold, dtype=torch.int64).reshape(-1).expand(o)
-        s = (torch.ones(o, dtype=torch.int64) if sign is None
-             else torch.as_tensor(sign, dtype=torch.int64).reshape(-1).expand(o))
-        if bool(((s != 1) & (s != -1)).any()):
-            raise ValueError("gate sign must be +1 or -1 per filter")
-        passed = s[None, :, None, None] * acc_base > t[None, :, None, None]
-    else:
-        passed = torch.full_like(acc_base, mode == "full", dtype=torch.bool)
+    passed = _gate(acc_base, threshold, sign, mode)
     acc = acc_base + torch.where(passed, acc_rest, torch.zeros_like(acc_rest))
     if bias is not None:
         acc = acc + bias.to(torch.int64)[None, :, None, None]
