@@ -12,6 +12,8 @@
   ``μ/√(σ² + ε)`` even slower, so in eval mode it keeps a spurious constant
   ``−γ·μ/√(σ² + ε)`` (often large) that training mode never sees; the last, small batch of
   each epoch (3 digits images) also weighs 10 % in the running statistics;
+* at the end of the schedule, depthwise filters whose expand channel is empty are pruned too
+  (:meth:`Pruner.drop_orphans`: they only see a constant and amplify its border pattern);
 * targets: 0.8 for 1×1 / grouped convs, 0.7 for depthwise convs; the stem (first conv) and
   the classifier are not pruned.
 """
@@ -87,6 +89,27 @@ class Pruner:
         for n, m, _ in self.layers:
             m.weight.mul_(self.masks[n].to(m.weight.dtype))
 
+    def drop_orphans(self, model: nn.Module) -> int:
+        """Prune every depthwise filter whose expand channel has no weight left (FusionUnit
+        modules: ``expand`` → ``dw`` channel by channel). Its input is then the constant
+        ``ReLU(β)``, so its output depends on the pixel position only (border taps), with a
+        BN scale of hundreds (its variance comes from the border alone): no image
+        information, but a mask the predictor cannot guess. Returns the filters dropped."""
+        names = {id(m): n for n, m, _ in self.layers}
+        dropped = 0
+        for u in model.modules():
+            ex, dw = getattr(u, "expand", None), getattr(u, "dw", None)
+            if not (isinstance(ex, nn.Conv2d) and isinstance(dw, nn.Conv2d)
+                    and id(ex) in names and id(dw) in names
+                    and dw.groups == dw.in_channels == ex.out_channels):
+                continue
+            dead = ~self.masks[names[id(ex)]].flatten(1).any(dim=1)
+            m = self.masks[names[id(dw)]]
+            dropped += int((m.flatten(1).any(dim=1) & dead).sum())
+            m[dead] = False
+        self.apply()
+        return dropped
+
     def sparsity(self) -> dict[str, float]:
         """Realised fraction of zero weights per layer."""
         return {n: float((m.weight == 0).float().mean()) for n, m, _ in self.layers}
@@ -122,12 +145,14 @@ def recalibrate_bn(model: nn.Module, train: DataLoader, images: int | None = Non
 def train_pruned(model: nn.Module, train: DataLoader, prune_epochs: int = 4,
                  recover_epochs: int = 6, lr: float = 0.05, weight_decay: float = 1e-4,
                  seed: int = 0, progress: bool = True, max_batches: int | None = None,
-                 recalibrate: bool = True) -> Pruner:
+                 recalibrate: bool = True, drop_orphans: bool = True) -> Pruner:
     """Prune ``model`` in place: ``prune_epochs`` on the cubic schedule (masks after every
     batch, final sparsity reached on the last step), then ``recover_epochs`` with the masks
     frozen. SGD momentum 0.9, cosine learning rate. ``recalibrate``: recompute the BN running
     statistics afterwards (:func:`recalibrate_bn`, on ``max_batches · batch size`` images when
-    capped). Returns the :class:`Pruner` (final masks); the model is left in eval mode."""
+    capped). ``drop_orphans``: with the final masks, also prune the depthwise filters whose
+    expand channel is empty (:meth:`Pruner.drop_orphans`). Returns the :class:`Pruner` (final
+    masks); the model is left in eval mode."""
     torch.manual_seed(seed)
     pr = Pruner(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -139,6 +164,8 @@ def train_pruned(model: nn.Module, train: DataLoader, prune_epochs: int = 4,
     step = 0
     if prune_steps == 0:
         pr.update(1, 1)
+        if drop_orphans:
+            pr.drop_orphans(model)
         pr.apply()
     bar = tqdm(range(prune_epochs + recover_epochs), desc="prune", unit="epoch",
                disable=not progress)
@@ -156,6 +183,8 @@ def train_pruned(model: nn.Module, train: DataLoader, prune_epochs: int = 4,
             step += 1
             if step <= prune_steps:
                 pr.update(step, prune_steps)
+                if step == prune_steps and drop_orphans:
+                    pr.drop_orphans(model)
             pr.apply()
             tot += float(loss.detach()) * len(y)
             n += len(y)

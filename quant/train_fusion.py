@@ -22,11 +22,13 @@ from .fusion import fusion_stats, make_predicted, predicted_units, set_exact_mas
 from .prune import train_pruned
 
 __all__ = ["FUSION_DEFAULTS", "train_epochs", "train_predictor", "other_mults", "run_fusion",
-           "run_fusion_bench", "save_fusion_checkpoint", "load_fusion_checkpoint"]
+           "run_fusion_bench", "save_fusion_checkpoint", "load_fusion_checkpoint",
+           "finetune_masked"]
 
 FUSION_DEFAULTS: dict[str, Any] = {"float_epochs": 4, "prune_epochs": 4, "recover_epochs": 6,
                                    "pred_epochs": 3, "lr": 0.05, "prune_lr": 0.05,
-                                   "pred_lr": 1e-3, "calib_images": 200}
+                                   "pred_lr": 1e-3, "finetune_epochs": 12, "finetune_lr": 3e-3,
+                                   "calib_images": 200}
 
 
 def train_epochs(model: nn.Module, train: DataLoader, epochs: int, lr: float, seed: int = 0,
@@ -100,6 +102,48 @@ def train_predictor(pred: nn.Module, train: DataLoader, epochs: int = 3, lr: flo
     return pred.eval()
 
 
+def finetune_masked(pred: nn.Module, train: DataLoader, epochs: int = 2, lr: float = 1e-4,
+                    seed: int = 0, progress: bool = True, max_batches: int | None = None
+                    ) -> nn.Module:
+    """Fine-tune the real network of a predicted model under its predicted masks (exact
+    masks, predictor frozen): the real weights adapt to the mask errors. Every conv weight
+    that is 0 stays 0 (pruning masks and dead channels frozen, gradients masked), every BN
+    keeps its running statistics (eval mode), Adam, gradient norm clipped to 5, no weight
+    decay. The predictor's own parameters are left untouched."""
+    units = predicted_units(pred)
+    if not units:
+        raise ValueError("finetune_masked needs a model with PredictedUnit layers")
+    own = _predictor_params(units)
+    real = [p for p in pred.parameters() if all(p is not q for q in own)]
+    for p in own:
+        p.requires_grad_(False)
+    for p in real:
+        p.requires_grad_(True)
+    hooks = []
+    for m in pred.modules():
+        if isinstance(m, nn.Conv2d):
+            keep = (m.weight.detach() != 0).to(m.weight.dtype)
+            hooks.append(m.weight.register_hook(lambda g, k=keep: g * k))
+    set_exact_masks(pred, True)
+    try:
+        train_epochs(pred, train, epochs, lr, seed, progress, max_batches, "masked fine-tune",
+                     0.0, train_mode=False, clip=5.0, optimizer="adam")
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in pred.parameters():
+            p.requires_grad_(False)
+        for p in own:
+            p.requires_grad_(True)
+    return pred.eval()
+
+
+def _predictor_params(units) -> list[nn.Parameter]:
+    """The predictor's own parameters (latent ternary weights, predictor BN affines)."""
+    return [p for _, u in units
+            for p in (u.t1_w, u.t2_w, *u.bn_p1.parameters(), *u.bn_p2.parameters())]
+
+
 def other_mults(model: nn.Module, shape: tuple[int, int, int]) -> float:
     """Multiplications per image of the stem, head and FC (dense; not fused)."""
     _, h, w = shape
@@ -127,13 +171,17 @@ def run_fusion(splits, model_name: str = "fusionet_digits", vanilla: nn.Module |
                pred_epochs: int = FUSION_DEFAULTS["pred_epochs"], lr: float = FUSION_DEFAULTS["lr"],
                prune_lr: float = FUSION_DEFAULTS["prune_lr"],
                pred_lr: float = FUSION_DEFAULTS["pred_lr"],
+               finetune_epochs: int = FUSION_DEFAULTS["finetune_epochs"],
+               finetune_lr: float = FUSION_DEFAULTS["finetune_lr"],
                calib_images: int = FUSION_DEFAULTS["calib_images"], seed: int = 0,
                progress: bool = True, max_batches: int | None = None,
                eval_images: int | None = None) -> dict[str, Any]:
     """The whole flow. Returns ``{"results": {...}, "vanilla", "pruned", "predicted",
     "program"}``; results hold accuracies (percent) of the float vanilla/pruned/predicted models
     and of the integer golden model (``predicted_acc``), mask error rates (integer golden and
-    float), per-image multiplication/addition counts and their ratios."""
+    float), per-image multiplication/addition counts and their ratios. After the predictor,
+    the real network inside ``predicted`` is fine-tuned under the predicted masks
+    (:func:`finetune_masked`; ``pruned`` stays the network before that)."""
     from .flow import calibration_batches
     from .fusion_program import build_fusion_program, program_fusion_stats
     from .models import build_model
@@ -155,6 +203,8 @@ def run_fusion(splits, model_name: str = "fusionet_digits", vanilla: nn.Module |
     pred = make_predicted(pruned)
     before = fusion_stats(pred, test)
     train_predictor(pred, splits.train, pred_epochs, pred_lr, seed, progress, max_batches)
+    trained = fusion_stats(pred, test)
+    finetune_masked(pred, splits.train, finetune_epochs, finetune_lr, seed, progress, max_batches)
     fst = fusion_stats(pred, test)
     program = build_fusion_program(pred, calibration_batches(splits.train, calib_images))
     gst = program_fusion_stats(program, test)
@@ -163,6 +213,7 @@ def run_fusion(splits, model_name: str = "fusionet_digits", vanilla: nn.Module |
     res = {
         "vanilla_acc": vanilla_acc, "pruned_acc": pruned_acc, "predicted_acc": gst["acc"],
         "predicted_float_acc": fst["acc"], "predicted_float_acc_untrained": before["acc"],
+        "predicted_float_acc_before_finetune": trained["acc"],
         "mask_error_rate": {"s1": gst["s1_error"], "s2": gst["s2_error"],
                             "mean": 0.5 * (gst["s1_error"] + gst["s2_error"])},
         "mask_error_rate_float": {"s1": fst["s1_error"], "s2": fst["s2_error"]},

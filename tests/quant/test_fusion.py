@@ -312,3 +312,47 @@ def test_predictor_keeps_pruned_zeros():
     assert (pu.t1_w.grad[u.expand.weight == 0] == 0).all()
     assert (pu.t2_w.grad[u.dw.weight == 0] == 0).all()
     assert pu.t1_w.grad.abs().sum() > 0
+
+
+def test_drop_orphans_prunes_depthwise_filters_of_empty_expand_channels():
+    net = fusionet_digits().eval()
+    pr = Pruner(net)
+    pr.update(1, 1)
+    u = net.units[0]
+    dead = (~pr.masks["units.0.expand"].flatten(1).any(dim=1))
+    assert dead.any() and pr.masks["units.0.dw"].flatten(1)[dead].any()
+    assert pr.drop_orphans(net) > 0
+    assert not pr.masks["units.0.dw"].flatten(1)[dead].any()
+    assert (u.dw.weight.flatten(1)[dead] == 0).all()
+    assert pr.masks["units.0.dw"].flatten(1)[~dead].any()
+
+
+def test_finetune_masked_keeps_zeros_and_predictor():
+    """The real weights move under the predicted masks; pruned zeros and the predictor stay."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dynacc.quant.fusion import predicted_units
+    from dynacc.quant.train_fusion import finetune_masked
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.rand(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g))
+    net = fusionet_digits().eval()
+    for bn in net.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.weight.data.fill_(1.0)                # no zero-initialised residual BN
+            bn.bias.data.fill_(0.1)
+    pr = Pruner(net)
+    pr.update(1, 1)
+    pr.apply()
+    p = make_predicted(net)
+    u = predicted_units(p)[0][1]
+    zero = u.unit.expand.weight == 0
+    before = {n: q.detach().clone() for n, q in p.named_parameters()}
+    finetune_masked(p, DataLoader(ds, batch_size=8), 1, lr=1e-2, progress=False)
+    after = dict(p.named_parameters())
+    assert (u.unit.expand.weight[zero] == 0).all() and (u.unit.dw.weight != 0).any()
+    assert not torch.equal(before["units.0.unit.expand.weight"], after["units.0.unit.expand.weight"])
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    for n in ("units.0.t1_w", "units.0.t2_w", "units.0.bn_p1.weight", "units.2.bn_p2.bias"):
+        assert torch.equal(before[n], after[n]) and after[n].requires_grad
+    assert not after["fc.weight"].requires_grad and not p.training
