@@ -88,6 +88,23 @@ def _thresholds(layer: DualLayer, pass_fraction: float, ties: bool) -> np.ndarra
     return np.floor(q).astype(np.int64) if ties else np.floor(q).astype(np.int64) - 1
 
 
+def _random_tensors(fmt: BFPFormat, *, c: int, o: int, h: int, w: int, k: int, act_bits: int,
+                    block: int, align_spread: int, seed: int):
+    """Uniform unsigned ``act_bits``-bit inputs ``[C, H, W]``, uniform weight mantissas
+    ``[O, C, k, k]`` with per-(filter, ``block`` channels) LSBs, a random bias and random gate
+    signs (the tensors of the random PG and CG layers)."""
+    rng = np.random.default_rng(seed)
+    m = fmt.max_mantissa
+    x = rng.integers(0, 1 << act_bits, (c, h, w))
+    wt = rng.integers(-m, m + 1, (o, c, k, k))
+    nb = -(-c // block)
+    w_lsb = np.repeat(rng.integers(-align_spread, 1, (o, nb)) - 5, block, axis=1)[:, :c]
+    typical = m * (1 << act_bits) // 2 * int(np.sqrt(c * k * k))
+    bias = rng.integers(-typical, typical + 1, o)
+    sign = rng.choice([-1, 1], o)
+    return x, wt, w_lsb, bias, sign
+
+
 def random_dual_layer(name: str, fmt: BFPFormat, *, c: int, o: int, h: int, w: int, k: int,
                       stride: int = 1, padding: int = 0, act_bits: int = 8, msb_bits: int = 4,
                       mode: str = "gated", pass_fraction: float = 0.3, block: int = 4,
@@ -99,15 +116,8 @@ def random_dual_layer(name: str, fmt: BFPFormat, *, c: int, o: int, h: int, w: i
     at the ``1 - pass_fraction`` quantile of the gate values. With ``ties`` the threshold is
     one of the gate values itself, so the outputs equal to it (which must not pass, rule G3)
     occur; output LSBs are fitted to the accumulators."""
-    rng = np.random.default_rng(seed)
-    m = fmt.max_mantissa
-    x = rng.integers(0, 1 << act_bits, (c, h, w))
-    wt = rng.integers(-m, m + 1, (o, c, k, k))
-    nb = -(-c // block)
-    w_lsb = np.repeat(rng.integers(-align_spread, 1, (o, nb)) - 5, block, axis=1)[:, :c]
-    typical = m * (1 << act_bits) // 2 * int(np.sqrt(c * k * k))
-    bias = rng.integers(-typical, typical + 1, o)
-    sign = rng.choice([-1, 1], o)
+    x, wt, w_lsb, bias, sign = _random_tensors(fmt, c=c, o=o, h=h, w=w, k=k, act_bits=act_bits,
+                                               block=block, align_spread=align_spread, seed=seed)
     base = DualLayer(name, x, -4, wt, w_lsb, bias, 0, act_bits, msb_bits, None, sign, mode,
                      stride, padding, activation, clamp_max)
     thr = _thresholds(base, pass_fraction, ties) if mode == "gated" else None
@@ -125,15 +135,8 @@ def random_cg_layer(name: str, fmt: BFPFormat, *, c: int, o: int, h: int, w: int
     and gate signs, per-filter thresholds at the ``1 - pass_fraction`` quantile of the gate
     values ``sign*acc_base`` (with ``ties``: exact ties, which must not pass, rule CG2);
     output LSBs fitted to the accumulators."""
-    rng = np.random.default_rng(seed)
-    m = fmt.max_mantissa
-    x = rng.integers(0, 1 << act_bits, (c, h, w))
-    wt = rng.integers(-m, m + 1, (o, c, k, k))
-    nb = -(-c // block)
-    w_lsb = np.repeat(rng.integers(-align_spread, 1, (o, nb)) - 5, block, axis=1)[:, :c]
-    typical = m * (1 << act_bits) // 2 * int(np.sqrt(c * k * k))
-    bias = rng.integers(-typical, typical + 1, o)
-    sign = rng.choice([-1, 1], o)
+    x, wt, w_lsb, bias, sign = _random_tensors(fmt, c=c, o=o, h=h, w=w, k=k, act_bits=act_bits,
+                                               block=block, align_spread=align_spread, seed=seed)
     base = DualLayer(name, x, -4, wt, w_lsb, bias, 0, act_bits, None, None, sign, "cg", stride,
                      padding, activation, clamp_max, partitions=partitions)
     layer = dataclasses.replace(base, threshold=_thresholds(base, pass_fraction, ties))
