@@ -2,7 +2,7 @@
 ``pg_resnet20`` (Precision Gating, ``train-pg`` defaults), ``dfs_resnet20`` (Dynamic
 Fractional Skipping, ``train-dfs`` defaults), ``cg_resnet20`` (Channel Gating, ``train-cg``
 defaults); also ``fbs_net`` (FBS on ``fbs_cnn``, ``train-fbs`` defaults) for the FBS
-co-simulation and bench.
+co-simulation and bench, ``fusion_net`` (``train-fusion`` defaults) for the fused-block engine.
 
 Each is trained once per cache folder with the ``python -m dynacc.quant`` command of its
 technique (same code path a user runs) and kept as a checkpoint that holds the integer program
@@ -26,10 +26,13 @@ GATED_MODELS: dict[str, tuple[str, list[str]]] = {
 
 #: every digits-trained model :func:`gated_checkpoint` can make: the ``make gen`` models above
 #: and ``fbs_net`` (FBS on ``fbs_cnn``), whose layers are compacted per image by the host
-#: (``hw/fbs_layer.py``) and run by ``sim/`` and ``bench/cg_fbs.py``, not mapped by ``make gen``
+#: (``hw/fbs_layer.py``) and run by ``sim/`` and ``bench/cg_fbs.py``, not mapped by ``make gen``;
+#: ``fusion_net`` (predictive layer fusion on ``fusionet_digits``, ``train-fusion`` defaults)
 TRAINED_MODELS: dict[str, tuple[str, list[str]]] = {
     **GATED_MODELS,
     "fbs_net": ("fbs_cnn", ["train-fbs", "--model", "fbs_cnn", "--data", "digits"]),
+    "fusion_net": ("fusionet_digits", ["train-fusion", "--model", "fusionet_digits", "--data",
+                                       "digits"]),
 }
 
 

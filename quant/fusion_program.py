@@ -19,7 +19,8 @@ from .functional import quantize, quantize_bias, quantize_weight, tensor_shared_
 from .fusion import predicted_units, set_exact_masks
 from .fusion_golden import FusedBlock, block_counts, fold_bn, fold_predicted_unit, fused_block
 
-__all__ = ["FusionProgram", "build_fusion_program", "program_fusion_stats"]
+__all__ = ["FusionProgram", "build_fusion_program", "program_fusion_stats",
+           "fusion_program_from_checkpoint"]
 
 _PER_FILTER = WeightBlocking(group=-1, align_span=15)
 
@@ -49,7 +50,9 @@ class FusionProgram:
     fc_bias: torch.Tensor
 
     def run(self, x: torch.Tensor, method: str = "unfused") -> tuple[torch.Tensor, list[dict]]:
-        """Float images -> ``(logits [N, classes] int64, per-block info)``."""
+        """Float images -> ``(logits [N, classes] int64, per-block info)``; a block's info
+        holds its masks, counts and its input mantissas ``x`` (``fused_block`` keys plus
+        ``x`` and ``counts``)."""
         f = self.fmt
         m = quantize(x, self.in_lsb, f)
         s = self.stem
@@ -59,7 +62,9 @@ class FusionProgram:
         for blk, out_lsb in zip(self.blocks, self.block_lsb):
             if blk.x_lsb != lsb:
                 raise ValueError(f"fused block expects input LSB {blk.x_lsb}, got {lsb}")
+            x_in = m
             m, info = fused_block(blk, m, out_lsb, f, method)
+            info["x"] = x_in
             info["counts"] = block_counts(blk, info["s1"], info["s2"])
             infos.append(info)
             lsb = out_lsb
@@ -143,3 +148,17 @@ def program_fusion_stats(program: FusionProgram, loader) -> dict:
     counts = {k: v / max(n, 1) for k, v in counts.items()}
     return {"acc": 100.0 * correct / max(n, 1), "s1_error": e1 / max(n1, 1),
             "s2_error": e2 / max(n2, 1), "counts": counts}
+
+
+def fusion_program_from_checkpoint(path, calib_images: int | None = None,
+                                   seed: int = 0) -> tuple[FusionProgram, object]:
+    """The integer program of a ``train-fusion`` checkpoint as ``run_fusion`` builds it (the
+    fine-tuned predicted network, exponents by the max rule on the first ``calib_images``
+    digits training images), and the digits splits: ``(program, splits)``."""
+    from .flow import calibration_batches, load_data
+    from .train_fusion import FUSION_DEFAULTS, load_fusion_checkpoint
+
+    _pruned, pred, _meta = load_fusion_checkpoint(path)
+    splits = load_data("fusionet_digits", "digits", seed=seed)
+    n = FUSION_DEFAULTS["calib_images"] if calib_images is None else calib_images
+    return build_fusion_program(pred, calibration_batches(splits.train, n)), splits
