@@ -11,7 +11,12 @@ engine cycles. Writes build/bench/fusion.json.
   mapper runs it (``gen/layer_program.py``: a grouped / depthwise conv is a dense conv with
   block-diagonal zero weights, so its reduction runs over all ``C`` input channels), cycles of
   ``hw.cycles.conv_cycles``; ``layers`` lists them;
-* ``cycles_fused``: null until the fused datapath exists;
+* ``cycles_fused``: the fused-block engine (``hw/fused_engine.py``, ``FusedConfig()``) per
+  image over the digits test split, from the exact cycle model of the golden masks
+  (``hw.fused_program.fusion_network_cycles``); ``cycles_fused_rtl``: the three blocks of
+  :data:`RTL_IMAGES` run on the RTL (Verilator), bit-exact and with cycles equal to the
+  model (checked); ``cycle_reduction`` = dense / fused (note the engines differ in size:
+  ``dense_engine_macs`` vs ``fused_engine``);
 * ``targets``: ``mult_reduction_ge_6``, ``predicted_within_1pt_of_pruned``.
 """
 
@@ -27,35 +32,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 
+#: digits test images whose three blocks also run on the RTL (bit-exact, cycles == model)
+RTL_IMAGES = (0, 7)
+
+
 def dense_block_cycles(hw_name: str = "default", image: int = 16) -> dict:
     """Engine cycles per image of the unfused blocks of ``fusionet_digits`` (see module doc)."""
     from dynacc.hw.config import load_named
-    from dynacc.hw.cycles import conv_cycles, conv_steps, ideal_cycles
+    from dynacc.hw.fused_program import dense_block_cycles as cycles
     from dynacc.quant.models.fusionet import fusionet_digits
 
-    hw = load_named(hw_name)
     net = fusionet_digits()
     h = (image + 2 * net.stem.padding[0] - 3) // net.stem.stride[0] + 1
-    rows = []
-    for i, u in enumerate(net.units):
-        ho = (h - 1) // u.stride + 1
-        for name, conv, hi, hout in (("expand", u.expand, h, h), ("dw", u.dw, h, ho),
-                                     ("project", u.project, ho, ho)):
-            k = conv.kernel_size[0]
-            shape = dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
-                         out_height=hout, out_width=hout, kernel_h=k, kernel_w=k)
-            tiles = -(-conv.out_channels // hw.lanes)
-            words = tiles * k * k * -(-conv.in_channels // hw.lanes)
-            useful = ideal_cycles(hw, **shape) / conv.groups
-            rows.append({"layer": f"units.{i}.{name}", "in": conv.in_channels,
-                         "out": conv.out_channels, "groups": conv.groups, "kernel": k,
-                         "in_size": hi, "out_size": hout, "steps": conv_steps(hw, **shape),
-                         "cycles": conv_cycles(hw, **shape), "useful_cycles": useful,
-                         "weight_words": words, "fits_weight_memory": words <= hw.wgt_depth})
-        h = ho
-    total = sum(r["cycles"] for r in rows)
-    return {"hw": hw.name, "lanes": hw.lanes, "cycles": total,
-            "useful_cycles": sum(r["useful_cycles"] for r in rows), "layers": rows}
+    return cycles(load_named(hw_name), net.units, h)
+
+
+def fused_block_cycles(program, splits) -> dict:
+    """Fused-engine cycles per image over the digits test split (exact model of the golden
+    masks) and an RTL run of every block on :data:`RTL_IMAGES` (bit-exact outputs and masks,
+    RTL cycles == model, else ``AssertionError``)."""
+    import torch
+
+    from dynacc.hw.fused_config import FusedConfig
+    from dynacc.hw.fused_program import fusion_network_cycles
+    from dynacc.sim.fused import network_block_layers, verify_fused_layers
+
+    cfg = FusedConfig()
+    model = fusion_network_cycles(program, (x for x, _ in splits.test), cfg)
+    images = torch.stack([splits.test.dataset[i][0] for i in RTL_IMAGES])
+    _, infos = program.run(images)
+    cases = network_block_layers(program, infos, [f"digit{i}" for i in RTL_IMAGES])
+    results = verify_fused_layers([c[0] for c in cases], cfg)
+    rtl = [{"layer": c[0].name, "cycles": r.cycles, "wall_s": round(r.wall_s, 2)}
+           for c, r in zip(cases, results)]
+    return {**model, "rtl": rtl, "config": {"name": cfg.name, "lanes": cfg.lanes,
+                                            "group_in": cfg.group_in, "chunk": cfg.chunk,
+                                            "multipliers": cfg.lanes * cfg.group_in,
+                                            "a_adders": cfg.lanes * (cfg.group_in + 1)}}
 
 
 def main() -> int:
@@ -67,8 +80,10 @@ def main() -> int:
     t0 = time.perf_counter()
     from dynacc.quant.train_fusion import run_fusion_bench
 
-    r = run_fusion_bench(seed=args.seed, progress=False)
+    out = run_fusion_bench(seed=args.seed, progress=False, return_all=True)
+    r = out["results"]
     cyc = dense_block_cycles(args.hw)
+    fused = fused_block_cycles(out["program"], out["splits"])
     res = {k: r[k] for k in ("vanilla_acc", "pruned_acc", "predicted_acc", "mask_error_rate",
                              "mults_dense", "mults_fused", "mult_reduction")}
     res.update({
@@ -78,7 +93,10 @@ def main() -> int:
         "mult_reduction_network": r["mult_reduction_network"],
         "adds_dense": r["adds_dense"], "adds_fused": r["adds_fused"],
         "cycles_dense": cyc["cycles"], "cycles_dense_useful": cyc["useful_cycles"],
-        "cycles_dense_layers": cyc["layers"], "hw": cyc["hw"], "cycles_fused": None,
+        "cycles_dense_layers": cyc["layers"], "hw": cyc["hw"], "cycles_fused": fused["cycles"],
+        "cycles_fused_blocks": fused["blocks"], "cycles_fused_rtl": fused["rtl"],
+        "fused_engine": fused["config"], "dense_engine_macs": cyc["lanes"] ** 2,
+        "cycle_reduction": cyc["cycles"] / fused["cycles"],
         "targets": {"mult_reduction_ge_6": r["mult_reduction"] >= 6.0,
                     "predicted_within_1pt_of_pruned":
                         abs(r["predicted_acc"] - r["pruned_acc"]) <= 1.0},
@@ -93,7 +111,11 @@ def main() -> int:
     print(f"dense engine ({cyc['hw']}, {cyc['lanes']}x{cyc['lanes']} lanes): {cyc['cycles']} "
           f"cycles/image over the unfused blocks ({cyc['useful_cycles']:.0f} if every MAC "
           f"were useful)")
-    print("cycles_fused: pending (no fused datapath yet)")
+    fc = fused["config"]
+    print(f"fused engine ({fc['lanes']} lanes, {fc['multipliers']} multipliers, "
+          f"{fc['a_adders']} A adders): {fused['cycles']:.0f} cycles/image over the blocks "
+          f"(mean of {fused['images']} test images; {cyc['cycles'] / fused['cycles']:.2f}x fewer "
+          f"than the dense engine); RTL == model on {len(fused['rtl'])} block runs")
     print(f"targets: {res['targets']}")
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     path = write_result("fusion.json", res)

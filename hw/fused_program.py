@@ -23,7 +23,8 @@ from dynacc.quant.fusion_golden import (FusedBlock, accumulator_bounds, fused_bl
 from .fused_config import TAPS, FusedConfig
 from .fused_engine import LEVELS, RES_SHIFT_BITS
 
-__all__ = ["FusedLayer", "FusedProgram", "FusedGolden", "fused_cycles", "fused_geometry"]
+__all__ = ["FusedLayer", "FusedProgram", "FusedGolden", "fused_cycles", "fused_geometry",
+           "fusion_network_cycles", "dense_block_cycles"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,3 +274,64 @@ class FusedProgram:
         """:func:`fused_cycles` of this run."""
         return fused_cycles(self.geo, self.layer.block.stride, s1, s2, self.cfg.chunk)
 
+
+
+def fusion_network_cycles(program, batches, cfg: FusedConfig) -> dict:
+    """Fused-engine cycles per image of every block of a ``quant.fusion_program.FusionProgram``
+    over ``batches`` (an iterable of float image batches, e.g. a test loader's ``x``), from
+    the exact model of the golden masks (equal to the RTL: ``sim/test_fused_blocks.py``).
+
+    Returns ``{"images", "cycles" (mean per image, all blocks), "blocks": [{"name",
+    "cycles", "s1_density", "s2_density", "geometry"}]}``."""
+    n = 0
+    tot = [0] * len(program.blocks)
+    d1 = [0.0] * len(program.blocks)
+    d2 = [0.0] * len(program.blocks)
+    geos: list[dict] = [{} for _ in program.blocks]
+    for x in batches:
+        _, infos = program.run(x)
+        for b, blk in enumerate(program.blocks):
+            xin = infos[b]["x"]
+            geos[b] = fused_geometry(blk, int(xin.shape[2]), int(xin.shape[3]), cfg)
+            s1 = infos[b]["s1"].numpy()
+            s2 = infos[b]["s2"].numpy()
+            for i in range(xin.shape[0]):
+                tot[b] += fused_cycles(geos[b], blk.stride, s1[i], s2[i], cfg.chunk)
+            d1[b] += float(s1.mean()) * xin.shape[0]
+            d2[b] += float(s2.mean()) * xin.shape[0]
+        n += int(x.shape[0])
+    n = max(n, 1)
+    blocks = [{"name": f"units.{b}", "cycles": tot[b] / n, "s1_density": d1[b] / n,
+               "s2_density": d2[b] / n, "geometry": geos[b]} for b in range(len(tot))]
+    return {"images": n, "cycles": sum(tot) / n, "blocks": blocks}
+
+
+def dense_block_cycles(hw, units, in_size: int) -> dict:
+    """Cycles per image of FusioNet ``units`` run unfused on the plain BFP conv engine of
+    :class:`~dynacc.hw.config.HwConfig` ``hw`` (input ``in_size × in_size``): every 1×1
+    expand, 3×3 depthwise and 1×1 project as the layer mapper runs it (a grouped / depthwise
+    conv is a dense conv with block-diagonal zero weights, so its reduction runs over all
+    ``C`` input channels), ``hw.cycles.conv_cycles``. Returns ``{"hw", "lanes", "cycles",
+    "useful_cycles", "layers": [...]}``."""
+    from .cycles import conv_cycles, conv_steps, ideal_cycles
+
+    h = in_size
+    rows = []
+    for i, u in enumerate(units):
+        ho = (h - 1) // u.stride + 1
+        for name, conv, hi, hout in (("expand", u.expand, h, h), ("dw", u.dw, h, ho),
+                                     ("project", u.project, ho, ho)):
+            k = conv.kernel_size[0]
+            shape = dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                         out_height=hout, out_width=hout, kernel_h=k, kernel_w=k)
+            tiles = -(-conv.out_channels // hw.lanes)
+            words = tiles * k * k * -(-conv.in_channels // hw.lanes)
+            useful = ideal_cycles(hw, **shape) / conv.groups
+            rows.append({"layer": f"units.{i}.{name}", "in": conv.in_channels,
+                         "out": conv.out_channels, "groups": conv.groups, "kernel": k,
+                         "in_size": hi, "out_size": hout, "steps": conv_steps(hw, **shape),
+                         "cycles": conv_cycles(hw, **shape), "useful_cycles": useful,
+                         "weight_words": words, "fits_weight_memory": words <= hw.wgt_depth})
+        h = ho
+    return {"hw": hw.name, "lanes": hw.lanes, "cycles": sum(r["cycles"] for r in rows),
+            "useful_cycles": sum(r["useful_cycles"] for r in rows), "layers": rows}

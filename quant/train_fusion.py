@@ -232,18 +232,21 @@ def run_fusion(splits, model_name: str = "fusionet_digits", vanilla: nn.Module |
             "program": program}
 
 
-def run_fusion_bench(seed: int = 0, progress: bool = False, **kw) -> dict[str, Any]:
+def run_fusion_bench(seed: int = 0, progress: bool = False, return_all: bool = False,
+                     **kw) -> dict[str, Any]:
     """:func:`run_fusion` on digits from the cached vanilla ``fusionet_digits``
     (``cached_digits_model``, 4 epochs). Returns the results dict: ``vanilla_acc``,
     ``pruned_acc``, ``predicted_acc`` (integer golden model of the fused network),
     ``mask_error_rate`` (``{s1, s2, mean}``, integer golden vs the real integer ReLU outcomes),
     ``mults_dense``/``mults_fused`` (per image, over the fused blocks) and
-    ``mult_reduction = mults_dense / mults_fused``, plus the extra keys of :func:`run_fusion`."""
+    ``mult_reduction = mults_dense / mults_fused``, plus the extra keys of :func:`run_fusion`.
+    With ``return_all``: the whole :func:`run_fusion` dict plus ``"splits"``."""
     from .flow import cached_digits_model
 
     vanilla, splits = cached_digits_model("fusionet_digits", epochs=FUSION_DEFAULTS["float_epochs"],
                                           seed=seed, progress=progress)
-    return run_fusion(splits, vanilla=vanilla, seed=seed, progress=progress, **kw)["results"]
+    out = run_fusion(splits, vanilla=vanilla, seed=seed, progress=progress, **kw)
+    return {**out, "splits": splits} if return_all else out["results"]
 
 
 def save_fusion_checkpoint(path: str | Path, model_name: str, kwargs: dict, pruned: nn.Module,

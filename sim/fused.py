@@ -29,7 +29,7 @@ from .conv import MAKE_VARS, check_conv_output, finish_run_dir, write_layer_case
 from .memfile import read_mem
 
 __all__ = ["FusedResult", "build_fused_engine", "run_fused_layers", "check_fused_result",
-           "verify_fused_layers"]
+           "verify_fused_layers", "network_block_layers"]
 
 #: the dual-engine bench runs any manifest of load / run / dump cases
 BENCH_MODULE = "dynacc.sim.benches.dual_bench"
@@ -108,3 +108,15 @@ def verify_fused_layers(layers: Sequence[FusedLayer], cfg: FusedConfig | None = 
     for layer, r in zip(layers, results):
         check_fused_result(layer, r, cfg)
     return results
+
+
+def network_block_layers(program, infos, labels: Sequence[str]) -> list[tuple[FusedLayer, int, int]]:
+    """The fused blocks of a ``quant.fusion_program.FusionProgram`` run (``infos`` from
+    ``program.run(x)``) as engine layers: ``(layer, image, block)`` for every image of the
+    batch (named ``units.<b>/<label>``) and block, each on its golden input."""
+    out = []
+    for n, label in enumerate(labels):
+        for b, (blk, out_lsb) in enumerate(zip(program.blocks, program.block_lsb)):
+            out.append((FusedLayer(f"units.{b}/{label}", blk, infos[b]["x"][n].numpy(), out_lsb),
+                        n, b))
+    return out

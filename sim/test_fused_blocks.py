@@ -21,7 +21,7 @@ from dynacc.gen.gated_models import gated_checkpoint
 from dynacc.hw.fused_config import FusedConfig
 from dynacc.hw.fused_program import FusedLayer
 from dynacc.quant.fusion_program import fusion_program_from_checkpoint
-from dynacc.sim.fused import verify_fused_layers
+from dynacc.sim.fused import network_block_layers, verify_fused_layers
 from dynacc.sim.fused_blocks import place_thresholds
 
 CFG = FusedConfig()
@@ -39,14 +39,9 @@ def trained():
 
 def test_trained_blocks_bit_exact_and_chained(trained):
     program, infos = trained
-    layers, where = [], []
-    for n in range(len(IMAGES)):
-        for b, (blk, out_lsb) in enumerate(zip(program.blocks, program.block_lsb)):
-            layers.append(FusedLayer(f"units.{b}/digit{IMAGES[n]}", blk,
-                                     infos[b]["x"][n].numpy(), out_lsb))
-            where.append((n, b))
-    results = verify_fused_layers(layers, CFG)
-    for (n, b), r in zip(where, results):
+    cases = network_block_layers(program, infos, [f"digit{i}" for i in IMAGES])
+    results = verify_fused_layers([layer for layer, _n, _b in cases], CFG)
+    for (_layer, n, b), r in zip(cases, results):
         s1, s2 = infos[b]["s1"][n], infos[b]["s2"][n]
         assert 0.02 < float(s1.double().mean()) < 0.98 and 0.02 < float(s2.double().mean()) < 0.98
         if b + 1 < len(program.blocks):     # the RTL output is the next block's input
