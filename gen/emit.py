@@ -8,8 +8,9 @@ from pathlib import Path
 from amaranth.back import verilog
 
 from dynacc.hw.config import HwConfig
+from dynacc.hw.fused_config import FusedConfig
 
-__all__ = ["emit_engine", "emit_dual_engine"]
+__all__ = ["emit_engine", "emit_dual_engine", "emit_fused_engine"]
 
 
 def emit_engine(hw: HwConfig, out_dir: Path, name: str = "conv_engine") -> Path:
@@ -24,6 +25,14 @@ def emit_dual_engine(hw: HwConfig, out_dir: Path, name: str = "dual_engine") -> 
     from dynacc.hw.dual_engine import DualEngine
 
     return _emit(DualEngine(hw), out_dir, name)
+
+
+def emit_fused_engine(cfg: FusedConfig, out_dir: Path, name: str = "fused_engine") -> Path:
+    """The fused-block engine of a :class:`~dynacc.hw.fused_config.FusedConfig` (predictive
+    layer fusion, rules F1-F9), like :func:`emit_engine`."""
+    from dynacc.hw.fused_engine import FusedEngine
+
+    return _emit(FusedEngine(cfg), out_dir, name)
 
 
 def _emit(engine, out_dir: Path, name: str) -> Path:  # noqa: ANN001 - a wiring.Component
