@@ -34,9 +34,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -49,7 +46,7 @@ from dynacc.hw.config import HwConfig
 from dynacc.hw.cycles import conv_cycles
 from dynacc.hw.fused_config import FusedConfig
 
-from .atomic import replace_dir
+from .pipeline import execute
 from .layer_program import EngineLayer, MappingError
 
 __all__ = ["FUSED_MODELS", "FusedGenOptions", "FusedGenState", "STEPS", "run", "summary",
@@ -661,34 +658,8 @@ def run(opts: FusedGenOptions, steps: list[str] | None = None) -> FusedGenState:
     for s in wanted:
         if s in REQUIRES and REQUIRES[s] not in wanted:
             raise ValueError(f"gen step {s!r} of {opts.model} needs step {REQUIRES[s]!r}")
-    out = Path(opts.out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    st = FusedGenState(opts, work)
-    failed: BaseException | None = None
-    try:
-        for name, fn in STEPS:
-            if name not in wanted:
-                continue
-            t0 = time.perf_counter()
-            log.info("step %s ...", name)
-            try:
-                st = fn(st)
-            except Exception as exc:  # recorded in the report, then raised
-                log.error("step %s failed: %s", name, exc)
-                _failure_report(st, name, exc)
-                failed = exc
-                break
-            st.timings[name] = time.perf_counter() - t0
-            log.info("step %s done in %.2f s", name, st.timings[name])
-        replace_dir(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    st.work = out
-    if failed is not None:
-        raise failed
-    return st
+    return execute(STEPS, wanted, lambda work: FusedGenState(opts, work), opts.out_dir,
+                   _failure_report)
 
 
 def summary(st: FusedGenState) -> str:

@@ -44,7 +44,7 @@ from .atomic import replace_dir
 from .layer_program import LayerProgram, build_layer_program
 from .report import report_dict, report_markdown
 
-__all__ = ["GenOptions", "GenState", "STEPS", "run"]
+__all__ = ["GenOptions", "GenState", "STEPS", "run", "execute"]
 
 log = logging.getLogger("dynacc.gen")
 
@@ -293,20 +293,22 @@ STEPS: list[tuple[str, Callable[[GenState], GenState]]] = [
 ]
 
 
-def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
-    """Run the pipeline into a temporary folder, then move it onto ``opts.out_dir``
-    (an error leaves the previous output untouched and no partial folder)."""
-    wanted = steps or [n for n, _ in STEPS]
-    unknown = set(wanted) - {n for n, _ in STEPS}
-    if unknown:
-        raise ValueError(f"unknown gen step(s) {sorted(unknown)}; steps: {[n for n, _ in STEPS]}")
-    out = Path(opts.out_dir)
+def execute(steps: list[tuple[str, Callable[[Any], Any]]], wanted: list[str],
+            make_state: Callable[[Path], Any], out_dir: Path,
+            failure_report: Callable[[Any, str, BaseException], None]) -> Any:
+    """Run the ``wanted`` named ``steps`` on the state ``make_state(work)`` of a temporary
+    folder beside ``out_dir``, then move that folder onto ``out_dir`` in one move. A failing
+    step is recorded by ``failure_report(state, step, error)``, the folder still moved (the
+    steps before it are kept), then the error raised; any other error leaves ``out_dir``
+    untouched and no partial folder. The state's ``timings`` get each step's seconds and its
+    ``work`` becomes ``out_dir``."""
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    st = GenState(opts, work)
+    st = make_state(work)
     failed: BaseException | None = None
     try:
-        for name, fn in STEPS:
+        for name, fn in steps:
             if name not in wanted:
                 continue
             t0 = time.perf_counter()
@@ -315,7 +317,7 @@ def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
                 st = fn(st)
             except Exception as exc:  # recorded in the report, then raised
                 log.error("step %s failed: %s", name, exc)
-                _failure_report(st, name, exc)
+                failure_report(st, name, exc)
                 failed = exc
                 break
             st.timings[name] = time.perf_counter() - t0
@@ -328,3 +330,14 @@ def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
     if failed is not None:
         raise failed
     return st
+
+
+def run(opts: GenOptions, steps: list[str] | None = None) -> GenState:
+    """Run the pipeline into a temporary folder, then move it onto ``opts.out_dir``
+    (an error leaves the previous output untouched and no partial folder)."""
+    wanted = steps or [n for n, _ in STEPS]
+    unknown = set(wanted) - {n for n, _ in STEPS}
+    if unknown:
+        raise ValueError(f"unknown gen step(s) {sorted(unknown)}; steps: {[n for n, _ in STEPS]}")
+    return execute(STEPS, wanted, lambda work: GenState(opts, work), opts.out_dir,
+                   _failure_report)
