@@ -442,7 +442,7 @@ class FpgaOptions:
 
     def key(self) -> str:
         return (f"{self.device},{self.freq_mhz},{self.memories},{self.dsp},{self.seed},"
-                f"{self.speed}" + ("" if self.bram_outreg else ",noreg"))
+                f"{self.speed}" + (",outreg" if self.bram_outreg else ""))
 
 
 def _resolve_memories(cfg: HwConfig, device: Device, memories: str) -> str:
