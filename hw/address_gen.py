@@ -159,6 +159,8 @@ class AddressGen(wiring.Component):
         al_addr = Signal.like(self.wgt_addr)   # t*CW + cw
         o_addr = Signal(unsigned(addr_width(cfg.out_depth)))
         first = Signal()         # cw == kx == ky == 0
+        run = Signal()           # issuing steps (the FSM's RUN state, as one flip-flop)
+        tile_end = Signal()      # last & last_t: this step ends the last tile of a pixel
 
         # Each loop counter c carries a registered flag last_c = (c == c_max), updated with
         # the counter from "c == c_max - 1" (on increment) or "c_max == 0" (on wrap), so the
@@ -181,7 +183,7 @@ class AddressGen(wiring.Component):
         last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
         # last = last_cw & last_kx & last_ky, itself a flag updated with the three
         last = Signal()
-        is_m1 = {n: counters[n][0] == max_m1[n] for n in ("cw", "kx", "ky")}
+        is_m1 = {n: counters[n][0] == max_m1[n] for n in ("cw", "kx", "ky", "t")}
 
         m.d.comb += [
             self.act_addr.eq(a_addr),
@@ -189,7 +191,8 @@ class AddressGen(wiring.Component):
             self.token.pad.eq((iy < 0) | (iy >= d.height) | (ix < 0) | (ix >= d.width)),
             self.token.first.eq(first),
             self.token.last.eq(last),
-            self.token.final.eq(last & last_t & last_ox & last_oy),
+            self.token.final.eq(tile_end & last_ox & last_oy),
+            self.token.valid.eq(run),
             self.token.tile.eq(t),
             self.token.align_addr.eq(al_addr),
             self.token.out_addr.eq(o_addr),
@@ -235,48 +238,63 @@ class AddressGen(wiring.Component):
                     w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
                 ]
                 m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
-                m.d.sync += last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"])
+                m.d.sync += [last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"]),
+                             tile_end.eq(max_z["cw"] & max_z["kx"] & max_z["ky"] & max_z["t"])]
                 m.next = "SETUP6"
             with m.State("SETUP6"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [pix_next.eq(pix_addr + pix_step), row_next.eq(row_addr + row_step)]
+                m.d.sync += [pix_next.eq(pix_addr + pix_step), row_next.eq(row_addr + row_step),
+                             run.eq(1)]
                 m.next = "RUN"
             with m.State("RUN"):
-                m.d.comb += [self.busy.eq(1), self.token.valid.eq(1)]
-                m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
+                m.d.comb += self.busy.eq(1)
+                with m.If(run & last & last_t & last_ox & last_oy):
+                    m.next = "IDLE"
+
+        # The step loop, outside the FSM: every decision below reads flip-flops only (``run``,
+        # ``last``, ``tile_end`` and the per-counter ``last_*`` flags), so no state decoding
+        # or flag AND-chain sits in front of the address registers' enables.
+        with m.If(run):
+            m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
+            with m.If(~last):
                 with m.If(~last_cw):
+                    new_last = is_m1["cw"] & last_kx & last_ky
                     m.d.sync += [*incr("cw"), a_addr.eq(a_addr + 1), al_addr.eq(al_addr + 1),
-                                 last.eq(is_m1["cw"] & last_kx & last_ky)]
+                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Elif(~last_kx):
+                    new_last = max_z["cw"] & is_m1["kx"] & last_ky
                     m.d.sync += [*wrap("cw"), *incr("kx"), ix.eq(ix + 1),
                                  a_addr.eq(a_addr + 1), al_addr.eq(al_base),
-                                 last.eq(max_z["cw"] & is_m1["kx"] & last_ky)]
-                with m.Elif(~last_ky):
+                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
+                with m.Else():
+                    new_last = max_z["cw"] & max_z["kx"] & is_m1["ky"]
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), ix.eq(ix_pix),
                                  iy.eq(iy + 1), a_addr.eq(a_addr + row_skip), al_addr.eq(al_base),
-                                 last.eq(max_z["cw"] & max_z["kx"] & is_m1["ky"])]
+                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
+            with m.Else():
+                kernel_z = max_z["cw"] & max_z["kx"] & max_z["ky"]
+                m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
+                             o_addr.eq(o_addr + 1), last.eq(kernel_z)]
+                with m.If(~tile_end):
+                    m.d.sync += [*incr("t"), ix.eq(ix_pix), iy.eq(iy_row), a_addr.eq(pix_addr),
+                                 al_base.eq(al_base + d.in_words),
+                                 al_addr.eq(al_base + d.in_words),
+                                 tile_end.eq(kernel_z & is_m1["t"])]
                 with m.Else():
-                    m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
-                                 o_addr.eq(o_addr + 1),
-                                 last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"])]
-                    with m.If(~last_t):
-                        m.d.sync += [*incr("t"), ix.eq(ix_pix), iy.eq(iy_row), a_addr.eq(pix_addr),
-                                     al_base.eq(al_base + d.in_words),
-                                     al_addr.eq(al_base + d.in_words)]
+                    m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
+                                 tile_end.eq(kernel_z & max_z["t"])]
+                    with m.If(~last_ox):
+                        m.d.sync += [*incr("ox"), ix_pix.eq(ix_pix + d.stride),
+                                     ix.eq(ix_pix + d.stride), iy.eq(iy_row),
+                                     pix_addr.eq(pix_next), a_addr.eq(pix_next),
+                                     pix_next.eq(pix_next + pix_step)]
+                    with m.Elif(~last_oy):
+                        m.d.sync += [*wrap("ox"), *incr("oy"),
+                                     ix_pix.eq(-d.pad), ix.eq(-d.pad),
+                                     iy_row.eq(iy_row + d.stride), iy.eq(iy_row + d.stride),
+                                     row_addr.eq(row_next), pix_addr.eq(row_next),
+                                     a_addr.eq(row_next), row_next.eq(row_next + row_step),
+                                     pix_next.eq(row_next + pix_step)]
                     with m.Else():
-                        m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0)]
-                        with m.If(~last_ox):
-                            m.d.sync += [*incr("ox"), ix_pix.eq(ix_pix + d.stride),
-                                         ix.eq(ix_pix + d.stride), iy.eq(iy_row),
-                                         pix_addr.eq(pix_next), a_addr.eq(pix_next),
-                                         pix_next.eq(pix_next + pix_step)]
-                        with m.Elif(~last_oy):
-                            m.d.sync += [*wrap("ox"), *incr("oy"),
-                                         ix_pix.eq(-d.pad), ix.eq(-d.pad),
-                                         iy_row.eq(iy_row + d.stride), iy.eq(iy_row + d.stride),
-                                         row_addr.eq(row_next), pix_addr.eq(row_next),
-                                         a_addr.eq(row_next), row_next.eq(row_next + row_step),
-                                         pix_next.eq(row_next + pix_step)]
-                        with m.Else():
-                            m.next = "IDLE"
+                        m.d.sync += run.eq(0)
         return m
