@@ -150,6 +150,7 @@ class AddressGen(wiring.Component):
         iy = Signal(pos_w)       # iy_row + ky
         ix = Signal(pos_w)       # ix_pix + kx
         a_addr = Signal(aw)      # (iy*W + ix)*CW + cw
+        origin = Signal(aw)      # -(pad*W + pad)*CW: kernel origin of the first pixel
         pix_addr = Signal(aw)    # kernel origin of this pixel
         row_addr = Signal(aw)    # kernel origin of ox = 0 in this row
         pix_next = Signal(aw)    # pix_addr + pix_step, kept one step ahead
@@ -230,9 +231,8 @@ class AddressGen(wiring.Component):
                 m.next = "SETUP5"
             with m.State("SETUP5"):
                 m.d.comb += self.busy.eq(1)
-                origin = -(pad_wcw + pad_cw)
                 m.d.sync += [
-                    a_addr.eq(origin), pix_addr.eq(origin), row_addr.eq(origin),
+                    origin.eq(-(pad_wcw + pad_cw)),
                     oy.eq(0), ox.eq(0), t.eq(0), ky.eq(0), kx.eq(0), cw.eq(0), first.eq(1),
                     iy_row.eq(-d.pad), ix_pix.eq(-d.pad), iy.eq(-d.pad), ix.eq(-d.pad),
                     w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
@@ -243,7 +243,10 @@ class AddressGen(wiring.Component):
                 m.next = "SETUP6"
             with m.State("SETUP6"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [pix_next.eq(pix_addr + pix_step), row_next.eq(row_addr + row_step),
+                # the origin is registered first: the address registers load a flip-flop,
+                # not the two additions behind it
+                m.d.sync += [a_addr.eq(origin), pix_addr.eq(origin), row_addr.eq(origin),
+                             pix_next.eq(origin + pix_step), row_next.eq(origin + row_step),
                              run.eq(1)]
                 m.next = "RUN"
             with m.State("RUN"):
