@@ -482,7 +482,8 @@ def _add_train_fusion(sub: argparse._SubParsersAction) -> None:
                                             "multiplication counts, save")
     c.set_defaults(handler=_train_fusion)
     c.add_argument("--model", default="fusionet_digits", metavar="NAME",
-                   help="network of fusion units: fusionet_digits (default: %(default)s)")
+                   help="network of fusion units: fusionet_digits or mbv2_fusion_digits "
+                        "(default: %(default)s)")
     c.add_argument("--data", default="digits", metavar="NAME",
                    help="dataset: digits (default: %(default)s)")
     c.add_argument("--float-epochs", type=int, default=D["float_epochs"],
@@ -512,12 +513,12 @@ def _add_train_fusion(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_fusion(args: argparse.Namespace) -> int:
-    from .train_fusion import run_fusion, save_fusion_checkpoint
+    from .train_fusion import FUSION_MODELS, run_fusion, save_fusion_checkpoint
 
     try:
-        if args.model != "fusionet_digits":
+        if args.model not in FUSION_MODELS:
             raise ValueError(f"unknown model {args.model!r} for train-fusion; known: "
-                             "fusionet_digits")
+                             f"{', '.join(FUSION_MODELS)}")
         if args.data != "digits":
             raise ValueError(f"train-fusion supports --data digits, not {args.data!r}")
         for name in ("float_epochs", "prune_epochs", "recover_epochs", "pred_epochs"):

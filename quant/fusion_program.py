@@ -1,4 +1,5 @@
-"""Whole-network integer golden model of a predicted FusioNet (``fusionet_digits``).
+"""Whole-network integer golden model of a predicted FusioNet (``fusionet_digits``,
+``mbv2_fusion_digits``).
 
 Stem conv, head conv and FC run on the plain BFP golden ops (``golden.conv2d``/``linear``,
 rules A1-R6, one weight block per filter); every :class:`~dynacc.quant.fusion.PredictedUnit`
@@ -158,7 +159,7 @@ def fusion_program_from_checkpoint(path, calib_images: int | None = None,
     from .flow import calibration_batches, load_data
     from .train_fusion import FUSION_DEFAULTS, load_fusion_checkpoint
 
-    _pruned, pred, _meta = load_fusion_checkpoint(path)
-    splits = load_data("fusionet_digits", "digits", seed=seed)
+    _pruned, pred, meta = load_fusion_checkpoint(path)
+    splits = load_data(meta["model"], "digits", seed=seed)
     n = FUSION_DEFAULTS["calib_images"] if calib_images is None else calib_images
     return build_fusion_program(pred, calibration_batches(splits.train, n)), splits

@@ -21,9 +21,13 @@ from tqdm.auto import tqdm
 from .fusion import fusion_stats, make_predicted, predicted_units, set_exact_masks
 from .prune import train_pruned
 
-__all__ = ["FUSION_DEFAULTS", "train_epochs", "train_predictor", "other_mults", "run_fusion",
+__all__ = ["FUSION_DEFAULTS", "FUSION_MODELS", "train_epochs", "train_predictor", "other_mults", "run_fusion",
            "run_fusion_bench", "save_fusion_checkpoint", "load_fusion_checkpoint",
            "finetune_masked"]
+
+#: zoo models built of fusion units (``FusioNetDigits``): the grouped FusioNet and the
+#: MobileNetV2-style inverted residuals
+FUSION_MODELS = ("fusionet_digits", "mbv2_fusion_digits")
 
 FUSION_DEFAULTS: dict[str, Any] = {"float_epochs": 4, "prune_epochs": 4, "recover_epochs": 6,
                                    "pred_epochs": 3, "lr": 0.05, "prune_lr": 0.05,
@@ -233,8 +237,8 @@ def run_fusion(splits, model_name: str = "fusionet_digits", vanilla: nn.Module |
 
 
 def run_fusion_bench(seed: int = 0, progress: bool = False, return_all: bool = False,
-                     **kw) -> dict[str, Any]:
-    """:func:`run_fusion` on digits from the cached vanilla ``fusionet_digits``
+                     model: str = "fusionet_digits", **kw) -> dict[str, Any]:
+    """:func:`run_fusion` on digits from the cached vanilla ``model`` (``fusionet_digits``)
     (``cached_digits_model``, 4 epochs). Returns the results dict: ``vanilla_acc``,
     ``pruned_acc``, ``predicted_acc`` (integer golden model of the fused network),
     ``mask_error_rate`` (``{s1, s2, mean}``, integer golden vs the real integer ReLU outcomes),
@@ -243,9 +247,9 @@ def run_fusion_bench(seed: int = 0, progress: bool = False, return_all: bool = F
     With ``return_all``: the whole :func:`run_fusion` dict plus ``"splits"``."""
     from .flow import cached_digits_model
 
-    vanilla, splits = cached_digits_model("fusionet_digits", epochs=FUSION_DEFAULTS["float_epochs"],
+    vanilla, splits = cached_digits_model(model, epochs=FUSION_DEFAULTS["float_epochs"],
                                           seed=seed, progress=progress)
-    out = run_fusion(splits, vanilla=vanilla, seed=seed, progress=progress, **kw)
+    out = run_fusion(splits, model, vanilla=vanilla, seed=seed, progress=progress, **kw)
     return {**out, "splits": splits} if return_all else out["results"]
 
 
@@ -261,7 +265,8 @@ def save_fusion_checkpoint(path: str | Path, model_name: str, kwargs: dict, prun
 
 
 def load_fusion_checkpoint(path: str | Path) -> tuple[nn.Module, nn.Module, dict]:
-    """``(pruned model, predicted model, meta)`` from :func:`save_fusion_checkpoint`."""
+    """``(pruned model, predicted model, meta)`` from :func:`save_fusion_checkpoint`;
+    ``meta["model"]`` is the zoo name."""
     from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked
 
     ck = load_checkpoint(path)
@@ -269,4 +274,4 @@ def load_fusion_checkpoint(path: str | Path) -> tuple[nn.Module, nn.Module, dict
         raise CheckpointError(f"checkpoint {str(path)!r} is not a fusion checkpoint")
     pred = make_predicted(ck.model)
     load_state_dict_checked(pred, ck.meta["predictor_state_dict"], f"predictor of {str(path)!r}")
-    return ck.model, pred.eval(), ck.meta
+    return ck.model, pred.eval(), {**ck.meta, "model": ck.model_name}

@@ -4,6 +4,7 @@ Models
     ``digits_net``                      small CNN for 8x8 scikit-learn digits
     ``fbs_cnn``                         plain 8-conv CNN, the dense backbone of FBS (digits)
     ``fusionet_digits``                 small FusioNet (fusable bottlenecks, large expansion; digits)
+    ``mbv2_fusion_digits``              MobileNetV2-style inverted residuals modified for fusion (digits)
     ``resnet20``/``resnet38``/``resnet74``  CIFAR ResNets (16/32/64 channels)
     ``resnet18``/``resnet50``           ImageNet ResNets, torchvision state_dict layout
     ``mobilenet_v2``                    ImageNet MobileNetV2, torchvision state_dict layout
@@ -31,7 +32,7 @@ from torch import nn
 
 from .digits_net import DigitsNet, digits_net
 from .fbs_cnn import FBSCNN, fbs_cnn
-from .fusionet import FusioNetDigits, fusionet_digits
+from .fusionet import FusioNetDigits, fusionet_digits, mbv2_fusion_digits
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
 from .resnet_cifar import CifarResNet, resnet20, resnet38, resnet74
 from .resnet_imagenet import ResNet, resnet18, resnet50
@@ -40,7 +41,7 @@ __all__ = [
     "MODELS", "DEFAULT_DATASET", "DATASET_NUM_CLASSES",
     "build_model", "list_models", "input_shape",
     "DigitsNet", "FBSCNN", "FusioNetDigits", "CifarResNet", "ResNet", "MobileNetV2",
-    "digits_net", "fbs_cnn", "fusionet_digits", "resnet20", "resnet38", "resnet74", "resnet18", "resnet50",
+    "digits_net", "fbs_cnn", "fusionet_digits", "mbv2_fusion_digits", "resnet20", "resnet38", "resnet74", "resnet18", "resnet50",
     "mobilenet_v2",
 ]
 
@@ -48,6 +49,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_net": digits_net,
     "fbs_cnn": fbs_cnn,
     "fusionet_digits": fusionet_digits,
+    "mbv2_fusion_digits": mbv2_fusion_digits,
     "resnet20": resnet20,
     "resnet38": resnet38,
     "resnet74": resnet74,
@@ -61,6 +63,7 @@ DEFAULT_DATASET: dict[str, str] = {
     "digits_net": "digits",
     "fbs_cnn": "digits",
     "fusionet_digits": "digits",
+    "mbv2_fusion_digits": "digits",
     "resnet20": "cifar10",
     "resnet38": "cifar10",
     "resnet74": "cifar10",

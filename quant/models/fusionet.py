@@ -11,8 +11,14 @@ stem conv3×3 ×16 stride 2 → BN → ReLU; units 16→16 e16, 16→32 e16 s2, 
 head grouped 1×1 32→128 → BN → ReLU; global average pool; Linear 10.
 Feature maps 8×8 → 4×4. About 0.7 M dense block multiplications per image.
 
-MobileNetV2's inverted residual (``models/mobilenetv2.py``) uses ReLU6, which a sign mask
-alone cannot replace; the fusion flow works on :class:`FusionUnit`.
+:func:`mbv2_fusion_digits` is MobileNetV2 "modified for fusion" (algorithms.md §5.3: narrow
+block I/O, large expansion) on the same frame: inverted residuals, i.e. :class:`FusionUnit`
+with one group (dense 1×1 expand → BN → ReLU → depthwise 3×3 → BN → ReLU → linear 1×1
+project → BN → residual; the shuffle of one group is the identity), units 8→8 e32,
+8→8 e32 s2, 8→8 e32, dense 1×1 head 8→64. Its units use ReLU where MobileNetV2
+(``models/mobilenetv2.py``) uses ReLU6: a sign mask alone cannot replace ReLU6's clip at 6
+(it would need a second, saturation mask that the 4-bit predictor, whose levels end at 5.6,
+cannot see).
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["channel_shuffle", "shuffle_permutation", "FusionUnit", "FusioNetDigits",
-           "fusionet_digits", "FUSIONET_DIGITS_UNITS"]
+           "fusionet_digits", "mbv2_fusion_digits", "FUSIONET_DIGITS_UNITS",
+           "MBV2_FUSION_DIGITS_UNITS"]
 
 #: ``(in, out, expansion, stride)`` of the units of :class:`FusioNetDigits`.
 FUSIONET_DIGITS_UNITS: tuple[tuple[int, int, int, int], ...] = (
     (16, 16, 16, 1), (16, 32, 16, 2), (32, 32, 24, 1))
+
+#: ``(in, out, expansion, stride)`` of the inverted residuals of :func:`mbv2_fusion_digits`.
+MBV2_FUSION_DIGITS_UNITS: tuple[tuple[int, int, int, int], ...] = (
+    (8, 8, 32, 1), (8, 8, 32, 2), (8, 8, 32, 1))
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -104,3 +115,9 @@ class FusioNetDigits(nn.Module):
 def fusionet_digits(num_classes: int = 10, in_channels: int = 1) -> FusioNetDigits:
     """The digits FusioNet (16×16 inputs)."""
     return FusioNetDigits(num_classes=num_classes, in_channels=in_channels)
+
+
+def mbv2_fusion_digits(num_classes: int = 10, in_channels: int = 1) -> FusioNetDigits:
+    """MobileNetV2-style inverted residuals modified for fusion, on digits (see module doc)."""
+    return FusioNetDigits(num_classes=num_classes, in_channels=in_channels, groups=1,
+                          units=MBV2_FUSION_DIGITS_UNITS, head_channels=64)

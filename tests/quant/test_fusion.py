@@ -10,7 +10,8 @@ from dynacc.quant.fusion import (PredictedUnit, dw3x3, make_predicted, q4_levels
 from dynacc.quant.fusion_golden import (accumulator_bounds, block_counts, fold_predicted_unit,
                                         fused_acc, fused_block, level_thresholds, mask_threshold,
                                         predictor_masks, q4_from_mantissa, unfused_acc)
-from dynacc.quant.models.fusionet import FusionUnit, channel_shuffle, fusionet_digits, shuffle_permutation
+from dynacc.quant.models.fusionet import (FusionUnit, channel_shuffle, fusionet_digits,
+                                          mbv2_fusion_digits, shuffle_permutation)
 from dynacc.quant.prune import (Pruner, cubic_sparsity, magnitude_mask, prunable_layers,
                                 train_pruned)
 
@@ -124,9 +125,9 @@ def test_channel_shuffle_permutation():
 
 
 # ----------------------------------------------------------------------------- helpers
-def _random_unit(cin=8, cout=8, e=4, stride=1, seed=0, dyadic=False):
+def _random_unit(cin=8, cout=8, e=4, stride=1, seed=0, dyadic=False, groups=4):
     torch.manual_seed(seed)
-    u = FusionUnit(cin, cout, e, stride).eval()
+    u = FusionUnit(cin, cout, e, stride, groups).eval()
     for bn in (u.bn1, u.bn2, u.bn3):
         c = bn.num_features
         if dyadic:   # every predictor constant a small dyadic rational: exact float64 math
@@ -229,10 +230,11 @@ def test_depthwise_padding_positions_have_mask_zero():
 
 
 # ----------------------------------------------------------------------------- fused algebra
-@pytest.mark.parametrize("cin,cout,e,stride,seed", [(8, 8, 4, 1, 0), (8, 16, 4, 2, 1),
-                                                    (4, 8, 8, 1, 2), (8, 8, 2, 1, 5)])
-def test_fused_equals_unfused_exact(cin, cout, e, stride, seed):
-    u = _random_unit(cin, cout, e, stride, seed)
+@pytest.mark.parametrize("cin,cout,e,stride,seed,groups", [
+    (8, 8, 4, 1, 0, 4), (8, 16, 4, 2, 1, 4), (4, 8, 8, 1, 2, 4), (8, 8, 2, 1, 5, 4),
+    (8, 8, 6, 1, 6, 1), (8, 16, 6, 2, 7, 1)])       # groups 1: MobileNetV2 inverted residuals
+def test_fused_equals_unfused_exact(cin, cout, e, stride, seed, groups):
+    u = _random_unit(cin, cout, e, stride, seed, groups=groups)
     pu = PredictedUnit(u)
     blk = fold_predicted_unit(pu, -5, F8)
     torch.manual_seed(seed)
@@ -286,13 +288,27 @@ def test_block_counts():
     assert off["adds_fused_A"] == 0 and c["adds_fused_A"] > 0
 
 
-def test_make_predicted_wraps_every_unit():
-    net = fusionet_digits().eval()
+@pytest.mark.parametrize("build", [fusionet_digits, mbv2_fusion_digits])
+def test_make_predicted_wraps_every_unit(build):
+    net = build().eval()
     p = make_predicted(net)
     from dynacc.quant.fusion import predicted_units
     assert len(predicted_units(p)) == 3
     assert not any(q.requires_grad for q in p.stem.parameters())
     assert p(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_mbv2_fusion_units_are_inverted_residuals():
+    net = mbv2_fusion_digits().eval()
+    for u in net.units:
+        assert u.groups == 1 and u.expand.groups == 1 and u.project.groups == 1
+        assert u.dw.groups == u.mid == 32 * u.in_channels
+    assert [u.use_res for u in net.units] == [True, False, True]
+    x = torch.randn(2, 8, 8, 8)
+    u = net.units[0]
+    with torch.no_grad():       # the shuffle of one group is the identity
+        ref = x + u.bn3(u.project(torch.relu(u.bn2(u.dw(torch.relu(u.bn1(u.expand(x))))))))
+        assert torch.allclose(u(x), ref)
 
 
 def test_predictor_keeps_pruned_zeros():

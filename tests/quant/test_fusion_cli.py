@@ -1,6 +1,7 @@
 """``python -m dynacc.quant train-fusion``: a tiny real run, its checkpoint round trip and
 argument errors."""
 
+import pytest
 import torch
 
 from dynacc.quant.cli import main
@@ -12,14 +13,16 @@ TINY = ["--float-epochs", "1", "--prune-epochs", "1", "--recover-epochs", "0", "
         "--calib-images", "16", "--quiet"]
 
 
-def test_train_fusion_tiny_run_and_checkpoint_round_trip(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["fusionet_digits", "mbv2_fusion_digits"])
+def test_train_fusion_tiny_run_and_checkpoint_round_trip(tmp_path, capsys, model):
     out = tmp_path / "f.pt"
-    assert main(["train-fusion", "--model", "fusionet_digits", "--data", "digits", *TINY,
+    assert main(["train-fusion", "--model", model, "--data", "digits", *TINY,
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "integer golden, fused" in text and "mask misprediction" in text and str(out) in text
     pruned, pred, meta = load_fusion_checkpoint(out)
     assert meta["technique"] == "fusion" and meta["dataset"] == "digits"
+    assert meta["model"] == model
     for k in ("vanilla_acc", "pruned_acc", "predicted_acc", "mask_error_rate", "mults_dense",
               "mults_fused", "mult_reduction"):
         assert k in meta
