@@ -1,5 +1,7 @@
 """Predictive layer fusion (FusioNet) on digits: accuracy, mask errors, multiplications and
-engine cycles. Writes build/bench/fusion.json.
+engine cycles. Writes build/bench/fusion.json: the keys below for ``fusionet_digits`` at the
+top level, and the same for ``mbv2_fusion_digits`` (MobileNetV2-style inverted residuals) under
+``others``.
 
 * accuracies (percent, digits test split): ``vanilla_acc`` (float), ``pruned_acc`` (float,
   80 % / 70 % sparsity), ``predicted_acc`` (the **integer golden model** of the fused,
@@ -36,15 +38,16 @@ from common import write_result  # noqa: E402
 RTL_IMAGES = (0, 7)
 
 
-def dense_block_cycles(hw_name: str = "default", image: int = 16) -> dict:
-    """Engine cycles per image of the unfused blocks of ``fusionet_digits`` (see module doc)."""
+def dense_block_cycles(hw_name: str = "default", image: int = 16, units=None) -> dict:
+    """Engine cycles per image of the unfused blocks (``units``, default those of
+    ``fusionet_digits``; see module doc)."""
     from dynacc.hw.config import load_named
     from dynacc.hw.fused_program import dense_block_cycles as cycles
     from dynacc.quant.models.fusionet import fusionet_digits
 
     net = fusionet_digits()
     h = (image + 2 * net.stem.padding[0] - 3) // net.stem.stride[0] + 1
-    return cycles(load_named(hw_name), net.units, h)
+    return cycles(load_named(hw_name), net.units if units is None else units, h)
 
 
 def fused_block_cycles(program, splits) -> dict:
@@ -71,22 +74,19 @@ def fused_block_cycles(program, splits) -> dict:
                                             "a_adders": cfg.lanes * (cfg.group_in + 1)}}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hw", default="default", help="hw config of the dense engine (default: %(default)s)")
-    args = p.parse_args()
-    t0 = time.perf_counter()
+def measure(model: str, seed: int, hw: str) -> dict:
+    """Train, fuse and measure one fusion model; prints its lines. Returns its result dict."""
     from dynacc.quant.train_fusion import run_fusion_bench
 
-    out = run_fusion_bench(seed=args.seed, progress=False, return_all=True)
+    out = run_fusion_bench(seed=seed, progress=False, return_all=True, model=model)
     r = out["results"]
-    cyc = dense_block_cycles(args.hw)
+    net = out["pruned"]
+    cyc = dense_block_cycles(hw, units=net.units)
     fused = fused_block_cycles(out["program"], out["splits"])
     res = {k: r[k] for k in ("vanilla_acc", "pruned_acc", "predicted_acc", "mask_error_rate",
                              "mults_dense", "mults_fused", "mult_reduction")}
     res.update({
+        "model": model,
         "predicted_float_acc": r["predicted_float_acc"],
         "mask_error_rate_float": r["mask_error_rate_float"],
         "mults_pruned": r["mults_pruned"], "mult_reduction_vs_pruned": r["mult_reduction_vs_pruned"],
@@ -103,6 +103,7 @@ def main() -> int:
         "train_seconds": round(r["seconds"], 1),
     })
     e = r["mask_error_rate"]
+    print(f"== {model}")
     print(f"vanilla {r['vanilla_acc']:.2f} %  pruned {r['pruned_acc']:.2f} %  predicted (integer "
           f"golden, fused) {r['predicted_acc']:.2f} %  (float {r['predicted_float_acc']:.2f} %)")
     print(f"mask errors: s1 {100 * e['s1']:.2f} %  s2 {100 * e['s2']:.2f} %")
@@ -117,6 +118,22 @@ def main() -> int:
           f"(mean of {fused['images']} test images; {cyc['cycles'] / fused['cycles']:.2f}x fewer "
           f"than the dense engine); RTL == model on {len(fused['rtl'])} block runs")
     print(f"targets: {res['targets']}")
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hw", default="default", help="hw config of the dense engine (default: %(default)s)")
+    p.add_argument("--models", default="fusionet_digits,mbv2_fusion_digits",
+                   help="fusion models, the first one's results at the top level "
+                        "(default: %(default)s)")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    models = [m for m in args.models.split(",") if m]
+    res = measure(models[0], args.seed, args.hw)
+    res["others"] = {m: measure(m, args.seed, args.hw) for m in models[1:]}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     path = write_result("fusion.json", res)
     print(f"-> {path}")

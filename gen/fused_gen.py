@@ -55,7 +55,7 @@ __all__ = ["FUSED_MODELS", "FusedGenOptions", "FusedGenState", "STEPS", "run", "
 log = logging.getLogger("dynacc.gen")
 
 #: gen model names handled here -> trained model name of ``gated_models.gated_checkpoint``
-FUSED_MODELS: dict[str, str] = {"fusion_net": "fusion_net"}
+FUSED_MODELS: dict[str, str] = {"fusion_net": "fusion_net", "fusion_mbv2": "fusion_mbv2"}
 
 #: digits test images the ``evaluate`` step runs (None: the whole split, 450 images, about
 #: 10-15 s on two cores); tests set fewer, the report says how many of how many

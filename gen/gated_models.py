@@ -27,12 +27,15 @@ GATED_MODELS: dict[str, tuple[str, list[str]]] = {
 #: every digits-trained model :func:`gated_checkpoint` can make: the ``make gen`` models above
 #: and ``fbs_net`` (FBS on ``fbs_cnn``), whose layers are compacted per image by the host
 #: (``hw/fbs_layer.py``) and run by ``sim/`` and ``bench/cg_fbs.py``, not mapped by ``make gen``;
-#: ``fusion_net`` (predictive layer fusion on ``fusionet_digits``, ``train-fusion`` defaults)
+#: ``fusion_net`` / ``fusion_mbv2`` (predictive layer fusion on ``fusionet_digits`` /
+#: ``mbv2_fusion_digits``, ``train-fusion`` defaults)
 TRAINED_MODELS: dict[str, tuple[str, list[str]]] = {
     **GATED_MODELS,
     "fbs_net": ("fbs_cnn", ["train-fbs", "--model", "fbs_cnn", "--data", "digits"]),
     "fusion_net": ("fusionet_digits", ["train-fusion", "--model", "fusionet_digits", "--data",
                                        "digits"]),
+    "fusion_mbv2": ("mbv2_fusion_digits", ["train-fusion", "--model", "mbv2_fusion_digits",
+                                           "--data", "digits"]),
 }
 
 
