@@ -17,6 +17,7 @@ TEST_INPUT = {
     "digits_net": (1, 8, 8),
     "fbs_cnn": (1, 16, 16),
     "fusionet_digits": (1, 16, 16),
+    "mbv2_fusion_digits": (1, 16, 16),
     "resnet20": (3, 32, 32),
     "resnet38": (3, 32, 32),
     "resnet74": (3, 32, 32),
