@@ -31,8 +31,6 @@ failing step is recorded in report.md / report.json before it is raised.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,8 +43,9 @@ import yaml
 from dynacc.hw.config import HwConfig
 from dynacc.hw.cycles import conv_cycles
 from dynacc.hw.fused_config import FusedConfig
+from dynacc.sw.fileformat import sha256_file
 
-from .pipeline import execute
+from .pipeline import _write_json, _write_text, execute
 from .layer_program import EngineLayer, MappingError
 
 __all__ = ["FUSED_MODELS", "FusedGenOptions", "FusedGenState", "STEPS", "run", "summary",
@@ -88,23 +87,6 @@ class FusedGenState:
     program_dict: dict[str, Any] | None = None
     report: dict[str, Any] | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -368,7 +350,7 @@ def step_layer_program(st: FusedGenState) -> FusedGenState:
     tensors["fc"] = {"shape": [int(p.fc_w.shape[0])], "lsb": None}
     st.program_dict = {
         "model": o.model,
-        "checkpoint": {"path": str(st.checkpoint), "sha256": _sha256(st.checkpoint)},
+        "checkpoint": {"path": str(st.checkpoint), "sha256": sha256_file(st.checkpoint)},
         "calibration": {"rule": "max (Q3)", "images": st.meta.get("gen_calib_images"),
                         "split_seed": st.meta.get("gen_split_seed")},
         "hw": hw.to_dict(),
