@@ -41,7 +41,7 @@ deploy: setup
 DEVICE  ?= ecp5-85k
 
 fpga: setup
-	$(PY) -m dynacc.gen.fpga --model $(MODEL) --hw $(or $(HW),configs/hw/default.yaml) --device $(DEVICE)
+	$(PY) -m dynacc.gen.fpga --model $(MODEL) $(if $(HW),--hw $(HW)) --device $(DEVICE)
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -22,8 +22,9 @@ Flow (out of context: no I/O buffers, no pin constraints; one clock ``clk``):
    array has 256 products, so ``--dsp auto`` maps whole output lanes' MAC trees onto DSPs
    while they fit (with ``split_lanes`` in the config: exactly the unsplit lanes) and builds
    the rest from LUTs + carry chains (``alumacc`` on those lanes' ``$mul`` cells before
-   ``synth_ecp5``). The MAC trees' per-tree copies of the activation word (``x_op``) are
-   marked ``keep`` so yosys does not merge them back into one high-fanout register.
+   ``synth_ecp5``). The MAC trees' per-tree copies of the activation word (``x_op``) and the
+   accumulators' per-lane control registers are marked ``keep`` so yosys does not merge them
+   back into one high-fanout register.
 3. Block-RAM output registers (:mod:`dynacc.gen.bram_outreg`, off with ``--no-bram-outreg``):
    every RAM whose read data only feeds the engine's input registers takes them in as its
    own output register (``REGMODE = "OUTREG"``), so the RAM's clock-to-output leaves the
@@ -69,7 +70,8 @@ __all__ = [
     "DEVICES", "Device", "ToolRun", "FpgaOptions", "bram_blocks", "memory_needs",
     "parse_nextpnr_report", "parse_nextpnr_log", "parse_yosys_log", "critical_path_summary",
     "dsp_lanes", "implement", "run_flow", "registered_wrapper", "engine_components",
-    "component_flow", "layer_cycles_for", "model_performance", "load_or_build_report",
+    "component_flow", "wrapped_flow", "DATAPATHS", "model_datapaths", "default_hw",
+    "datapath_engine", "datapath_flow", "layer_cycles_for", "model_performance", "load_or_build_report",
     "fpga_dict", "fpga_markdown", "MEMORY_MODES", "main",
 ]
 
@@ -87,8 +89,12 @@ DSP_RESERVE = 0
 #: idle (memories are preloaded), so no read/write collision logic between the block RAM and
 #: the engine's read register is needed
 NO_RW_CHECK = " -no-rw-check"
-#: yosys command (run after ``proc``) that marks the MAC trees' operand registers ``keep``
-KEEP_OPERAND_COPIES = "setattr -set keep 1 w:x_op %ci1 t:$dff %i"
+#: yosys command (run after ``proc``) that marks ``keep`` the MAC trees' operand registers and
+#: the lanes' own registers of the accumulator controls (the flip-flops driving the ``first``
+#: and ``en`` ports of the ``acc*`` cells), so no pass merges the identical copies back into
+#: one high-fanout register
+KEEP_OPERAND_COPIES = ("setattr -set keep 1 w:x_op %ci1 t:$dff %i "
+                       "c:acc* %ci1:+[first,en] %ci1 t:$dff %i %u")
 #: what surrounds the engine in the synthesized design (see the module docstring)
 MEMORY_MODES = ("auto", "full", "shallow", "regs", "none")
 MEMORY_MODE_TEXT = {
@@ -459,7 +465,7 @@ def _resolve_memories(cfg: HwConfig, device: Device, memories: str) -> str:
     return memories
 
 
-def _summarise(cfg: HwConfig, device: Device, pnr: dict[str, Any] | None,
+def _summarise(macs_per_cycle: int, device: Device, pnr: dict[str, Any] | None,
                cells: Mapping[str, int]) -> dict[str, Any]:
     util = (pnr or {}).get("utilization", {})
 
@@ -480,7 +486,7 @@ def _summarise(cfg: HwConfig, device: Device, pnr: dict[str, Any] | None,
         "luts": used("TRELLIS_COMB", "LUT4"), "ffs": used("TRELLIS_FF", "TRELLIS_FF"),
         "dsps": used("MULT18X18D", "MULT18X18D"), "brams": used("DP16KD", "DP16KD"),
         "available": avail, "fmax_mhz": round(fmax, 2) if fmax is not None else None,
-        "peak_gmacs": round(cfg.macs_per_cycle * fmax / 1e3, 3) if fmax is not None else None,
+        "peak_gmacs": round(macs_per_cycle * fmax / 1e3, 3) if fmax is not None else None,
     }
 
 
@@ -625,11 +631,11 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
         # the harness's load ports only write while the engine is idle (memories are
         # preloaded): no read/write collision logic around the block RAMs
         r = implement(vpath, top, script, device, opts, work, synth_args)
-        summary = _summarise(cfg, device, r["pnr"], r["yosys_cells"])
+        summary = _summarise(cfg.macs_per_cycle, device, r["pnr"], r["yosys_cells"])
         pnr = r["pnr"] or {}
         res = {
             "ok": r["ok"], "cached": False, "device": device.name, "hw": cfg.to_dict(),
-            "datapath": f"{cfg.lanes}x{cfg.lanes}", "pe": cfg.macs_per_cycle,
+            "engine": "conv", "datapath": f"{cfg.lanes}x{cfg.lanes}", "pe": cfg.macs_per_cycle,
             "freq_target_mhz": opts.freq_mhz, "speed_grade": opts.speed,
             "timing_met": (summary["fmax_mhz"] is not None
                            and summary["fmax_mhz"] >= opts.freq_mhz),
@@ -726,19 +732,32 @@ def component_flow(cfg: HwConfig, name: str, opts: FpgaOptions | None = None,
                    work_dir: Path | None = None) -> dict[str, Any]:
     """Fmax and resources of one engine component (:func:`engine_components`) between
     registers: where the engine's critical paths are, one component at a time."""
+    comp = engine_components(cfg)[name]()
+    synth_args = " -nodsp" if name == "mac_lut" else ""
+    res = wrapped_flow(comp, 0, opts, work_dir, synth_args, f"component={name}{synth_args}")
+    res["component"] = name
+    return res
+
+
+def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None,
+                 work_dir: Path | None = None, synth_args: str = "", key_extra: str = "",
+                 dsp_fallback: bool = False) -> dict[str, Any]:
+    """yosys + nextpnr on ``component`` with every port behind a flip-flop
+    (:func:`registered_wrapper`: memories idealised as registered sources and sinks, every
+    path timed reg-to-reg as inside a design). With ``dsp_fallback``, a design whose
+    multipliers need more MULT18X18D than the device has is synthesized again with
+    ``-nodsp`` (LUT multipliers), and a note says so. Cached like :func:`run_flow`."""
     from amaranth.back import verilog
 
     opts = opts or FpgaOptions()
     device = DEVICES[opts.device]
-    comp = engine_components(cfg)[name]()
-    wrapper, ports = registered_wrapper(comp)
+    wrapper, ports = registered_wrapper(component)
     top = "dynacc_fpga_top"
     tmp = Path(tempfile.mkdtemp(prefix="dynacc-fpga-"))
     try:
         vpath = tmp / f"{top}.v"
         vpath.write_text(verilog.convert(wrapper, name=top, ports=ports, emit_src=False))
-        synth_args = " -nodsp" if name == "mac_lut" else ""
-        key = _cache_key(vpath.read_text(), opts, f"component={name}{synth_args}")
+        key = _cache_key(vpath.read_text(), opts, key_extra + (",dspfit" if dsp_fallback else ""))
         cache = Path(opts.cache_dir) / key if opts.cache_dir else None
         if cache is not None and (cache / "result.json").exists():
             res = json.loads((cache / "result.json").read_text())
@@ -746,20 +765,83 @@ def component_flow(cfg: HwConfig, name: str, opts: FpgaOptions | None = None,
             return res
         work = Path(work_dir) if work_dir else (cache or tmp / "work")
         r = implement(vpath, top, [], device, opts, work, synth_args)
+        notes = list(r["notes"])
+        runs = list(r["runs"])
+        need = r["yosys_cells"].get("MULT18X18D", 0)
+        if dsp_fallback and need > device.dsps and "-nodsp" not in synth_args:
+            notes.append(f"{need} MULT18X18D needed, {device.dsps} on the {device.name}: "
+                         "synthesized again with LUT multipliers (synth_ecp5 -nodsp)")
+            r = implement(vpath, top, [], device, opts, work, synth_args + " -nodsp")
+            notes += r["notes"]
+            runs += r["runs"]
         pnr = r["pnr"] or {}
-        summary = _summarise(cfg, device, r["pnr"], r["yosys_cells"])
-        res = {"ok": r["ok"], "cached": False, "component": name, "device": device.name,
-               "speed_grade": opts.speed, "freq_target_mhz": opts.freq_mhz,
-               **{k: summary[k] for k in ("luts", "ffs", "dsps", "fmax_mhz")},
+        summary = _summarise(macs_per_cycle, device, r["pnr"], r["yosys_cells"])
+        res = {"ok": r["ok"], "cached": False, "device": device.name,
+               "speed_grade": opts.speed, "freq_target_mhz": opts.freq_mhz, "seed": opts.seed,
+               **summary, "timing_met": (summary["fmax_mhz"] is not None
+                                         and summary["fmax_mhz"] >= opts.freq_mhz),
+               "yosys_cells": r["yosys_cells"], "utilization": pnr.get("utilization", {}),
                "critical_path": pnr.get("critical_path"),
-               "times_s": _tool_times(r["runs"]),
-               "runs": [t.to_dict() for t in r["runs"]], "notes": r["notes"]}
+               "times_s": _tool_times(runs), "runs": [t.to_dict() for t in runs],
+               "notes": notes}
         if cache is not None and r["ok"]:
             cache.mkdir(parents=True, exist_ok=True)
             (cache / "result.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
         return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the other datapaths ------------------------------------------------------------------------
+#: datapaths ``make gen`` emits besides the conv engine: the dual-precision engine for gated
+#: models (PG, DFS, CG, FBS), the fused-block engine for fusion models
+DATAPATHS = ("dual", "fused")
+
+
+def model_datapaths(model: str) -> list[str]:
+    """The datapaths besides the conv engine that ``make gen MODEL=model`` generates."""
+    from .fused_gen import FUSED_MODELS
+    from .gated_models import GATED_MODELS
+
+    if model in FUSED_MODELS:
+        return ["fused"]
+    if model in GATED_MODELS:
+        return ["dual"]
+    return []
+
+
+def default_hw(model: str) -> str:
+    """The hardware config ``make gen`` uses for ``model`` (dual.yaml for gated models)."""
+    from .gated_models import GATED_MODELS
+
+    return "configs/hw/dual.yaml" if model in GATED_MODELS else "configs/hw/default.yaml"
+
+
+def datapath_engine(name: str, cfg: HwConfig, fused: Any = None) -> tuple[Any, int, str]:
+    """``(engine, multiplications per cycle, label)`` of datapath ``name``: ``dual`` is
+    :class:`~dynacc.hw.dual_engine.DualEngine` of ``cfg``; ``fused`` is
+    :class:`~dynacc.hw.fused_engine.FusedEngine` of ``fused`` (default
+    :class:`~dynacc.hw.fused_config.FusedConfig`), whose lanes × group_in products of an
+    input pixel with the accumulated ``A`` columns are its multiplications."""
+    if name == "dual":
+        from dynacc.hw.dual_engine import DualEngine
+        return DualEngine(cfg), cfg.macs_per_cycle, f"dual {cfg.lanes}x{cfg.lanes}"
+    if name == "fused":
+        from dynacc.hw.fused_config import FusedConfig
+        from dynacc.hw.fused_engine import FusedEngine
+        f = fused or FusedConfig()
+        return FusedEngine(f), f.lanes * f.group_in, f"fused {f.lanes}x{f.group_in}"
+    raise ValueError(f"unknown datapath {name!r}; known: conv, {', '.join(DATAPATHS)}")
+
+
+def datapath_flow(name: str, cfg: HwConfig, opts: FpgaOptions | None = None,
+                  fused: Any = None, work_dir: Path | None = None) -> dict[str, Any]:
+    """Resources and Fmax of a datapath other than the conv engine (:func:`datapath_engine`),
+    its memory ports behind flip-flops (``regs``), multipliers on DSPs while they fit."""
+    engine, macs, label = datapath_engine(name, cfg, fused)
+    res = wrapped_flow(engine, macs, opts, work_dir, "", f"datapath={name}", dsp_fallback=True)
+    res.update(engine=name, datapath=label, pe=macs, memories="regs")
+    return res
 
 
 # -- model performance --------------------------------------------------------------------------
@@ -816,10 +898,27 @@ def load_or_build_report(model: str, cfg: HwConfig, build_dir: Path) -> dict[str
 
 
 # -- reports ------------------------------------------------------------------------------------
-def fpga_dict(flow: Mapping[str, Any], perf: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``fpga.json``: the flow result (minus bulky fields) and the model's performance."""
+DATAPATH_KEYS = ("engine", "datapath", "pe", "ok", "luts", "ffs", "dsps", "brams", "fmax_mhz",
+                 "peak_gmacs", "timing_met", "memories", "notes")
+
+
+def datapath_row(res: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary of one datapath's flow result (a row of ``fpga.json``'s ``datapaths``)."""
+    row = {k: res.get(k) for k in DATAPATH_KEYS}
+    cp = res.get("critical_path") or {}
+    row["critical_path"] = ({k: cp.get(k) for k in ("delay_ns", "start_cell", "end_cell")}
+                            if cp else None)
+    return row
+
+
+def fpga_dict(flow: Mapping[str, Any], perf: Mapping[str, Any] | None,
+              others: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """``fpga.json``: the conv engine's flow result (minus bulky fields), the model's
+    performance, and ``datapaths``: one summary row per generated datapath (the conv engine
+    first, then ``others``, the results of :func:`datapath_flow`)."""
     d = {k: v for k, v in flow.items() if k not in ("work_dir",)}
     d["performance"] = dict(perf) if perf else None
+    d["datapaths"] = [datapath_row(flow)] + [datapath_row(o) for o in others]
     return d
 
 
@@ -903,7 +1002,33 @@ def fpga_markdown(fd: Mapping[str, Any]) -> str:
         lines.append("Tool times: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
                      + (" (cached result)" if fd.get("cached") else "") + ".")
         lines.append("")
+    rows = fd.get("datapaths") or []
+    if len(rows) > 1:
+        lines += _datapaths_markdown(rows)
     return "\n".join(lines)
+
+
+def _datapaths_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every datapath the model's ``make gen`` generated, one table row each."""
+    lines = ["### Every generated datapath", "",
+             "The conv engine as above; the others with every memory port behind a flip-flop "
+             "(`regs`: memories idealised, every path inside the datapath timed), multipliers "
+             "on MULT18X18D while the device has enough.", "",
+             "| datapath | multiplications/cycle | LUT4 | FF | DSP | DP16KD | Fmax (MHz) | "
+             "peak G/s | memories | critical path |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        cp = r.get("critical_path") or {}
+        fm = r.get("fmax_mhz")
+        where = (f"{cp['delay_ns']:.2f} ns `{cp['start_cell']}` → `{cp['end_cell']}`"
+                 if cp else ("failed" if not r.get("ok") else "–"))
+        lines.append(f"| {r['engine']} {r['datapath']} | {r['pe']} | {_pct(r.get('luts'), None)} | "
+                     f"{_pct(r.get('ffs'), None)} | {_pct(r.get('dsps'), None)} | "
+                     f"{_pct(r.get('brams'), None)} | {'–' if fm is None else f'{fm:.1f}'} | "
+                     f"{'–' if r.get('peak_gmacs') is None else r['peak_gmacs']} | "
+                     f"{r.get('memories')} | {where} |")
+    notes = [f"- {r['engine']}: {n}" for r in rows[1:] for n in (r.get("notes") or [])]
+    return lines + [""] + (notes + [""] if notes else [])
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -918,8 +1043,12 @@ def _write_atomic(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynacc.gen.fpga", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model whose build/<model>/report.json gives the cycles")
-    p.add_argument("--hw", default="configs/hw/default.yaml", metavar="YAML",
-                   help="hardware config (default: %(default)s)")
+    p.add_argument("--hw", default=None, metavar="YAML",
+                   help="hardware config (default: as make gen: configs/hw/dual.yaml for gated "
+                        "models, else configs/hw/default.yaml)")
+    p.add_argument("--datapaths", default=None, metavar="A,B",
+                   help="datapaths besides the conv engine (default: those make gen generates "
+                        f"for the model; any of {', '.join(DATAPATHS)}, or 'none')")
     p.add_argument("--device", default="ecp5-85k", choices=sorted(DEVICES),
                    help="FPGA (default: %(default)s)")
     p.add_argument("--freq", type=float, default=150.0, help="target MHz (default: %(default)s)")
@@ -942,7 +1071,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        cfg = HwConfig.from_yaml(args.hw)
+        cfg = HwConfig.from_yaml(args.hw or default_hw(args.model))
+        extra = (model_datapaths(args.model) if args.datapaths is None
+                 else [d for d in args.datapaths.split(",") if d and d != "none"])
+        for d in extra:
+            if d not in DATAPATHS:
+                raise ValueError(f"--datapaths: unknown datapath {d!r}; known: "
+                                 f"{', '.join(DATAPATHS)}")
         out = Path(args.out or f"build/{args.model}")
         opts = FpgaOptions(device=args.device, freq_mhz=args.freq, memories=args.memories,
                            dsp=args.dsp, seed=args.seed, timeout_s=args.timeout, speed=args.speed,
@@ -954,6 +1089,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     flow = run_flow(cfg, opts)
+    others = []
+    for d in extra:
+        log.info("fpga: %s datapath", d)
+        others.append(datapath_flow(d, cfg, opts))
     rep = None
     perf = None
     try:
@@ -961,7 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         perf = model_performance(rep, cfg, flow.get("fmax_mhz"))
     except Exception as exc:  # the FPGA numbers stand without the model's cycles
         log.error("fpga: no layer program for %s (%s); reporting the engine only", args.model, exc)
-    fd = fpga_dict(flow, perf)
+    fd = fpga_dict(flow, perf, others)
     _write_atomic(out / "fpga.json", json.dumps(fd, indent=1, sort_keys=True) + "\n")
     md = fpga_markdown(fd)
     _write_atomic(out / "fpga.md", md)
@@ -981,7 +1120,11 @@ def main(argv: list[str] | None = None) -> int:
           f"Fmax {fm if fm is not None else '–'} MHz, peak {fd.get('peak_gmacs')} GMAC/s"
           + (f"; {args.model}: {perf['fps']} frames/s" if perf and perf.get("fps") else "")
           + f" -> {out}/fpga.json")
-    return 0 if fd["ok"] else 1
+    for o in others:
+        print(f"  {o['engine']} {o['datapath']}: {'ok' if o['ok'] else 'FAILED'}; LUT "
+              f"{o.get('luts')}, FF {o.get('ffs')}, DSP {o.get('dsps')}, Fmax "
+              f"{o.get('fmax_mhz') if o.get('fmax_mhz') is not None else '–'} MHz")
+    return 0 if fd["ok"] and all(o["ok"] for o in others) else 1
 
 
 if __name__ == "__main__":

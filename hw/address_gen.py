@@ -13,8 +13,9 @@ __all__ = ["AddressGen", "token_layout", "SETUP_CYCLES"]
 
 #: cycles between ``start`` and the first issued step: 6 registered stages (descriptor
 #: products in two shift-add stages, their second-level products in two more with the
-#: "minus one" limits, the kernel origin, the origin of the next pixel / row)
-SETUP_CYCLES = 6
+#: "minus one" limits, the kernel origin, the origin of the next pixel / row), plus the
+#: registered step kind in front of the activation-address stage
+SETUP_CYCLES = 7
 
 
 def _shift_add(a, b, shape, name: str, group: int = 3):
@@ -56,6 +57,11 @@ class AddressGen(wiring.Component):
     the next pixel and row are kept one addition ahead, so a step only adds +1 or
     ``row_skip`` to the activation address and selects among registers. The weight address runs
     ``((t*kh + ky)*kw + kx)*CW + cw``, i.e. +1 per step, back to 0 at each new pixel.
+
+    Two stages: the loop counters and their flags decide each step's kind (next word, next
+    tile, next pixel, next row) into a one-hot register; one cycle later the activation-address
+    registers apply it (an addition or a select, controlled by those four flip-flops only).
+    The token and the weight address are registered once to stay aligned with them.
 
     Parameters
     ----------
@@ -150,11 +156,11 @@ class AddressGen(wiring.Component):
         iy = Signal(pos_w)       # iy_row + ky
         ix = Signal(pos_w)       # ix_pix + kx
         a_addr = Signal(aw)      # (iy*W + ix)*CW + cw
+        a_inc = Signal(aw)       # next step's a_addr increment: row_skip if last_cw & last_kx else 1
         origin = Signal(aw)      # -(pad*W + pad)*CW: kernel origin of the first pixel
         pix_addr = Signal(aw)    # kernel origin of this pixel
-        row_addr = Signal(aw)    # kernel origin of ox = 0 in this row
         pix_next = Signal(aw)    # pix_addr + pix_step, kept one step ahead
-        row_next = Signal(aw)    # row_addr + row_step, kept one step ahead
+        row_next = Signal(aw)    # kernel origin of the next row (ox = 0), kept one step ahead
         w_addr = Signal.like(self.wgt_addr)
         al_base = Signal.like(self.wgt_addr)   # t*CW
         al_addr = Signal.like(self.wgt_addr)   # t*CW + cw
@@ -168,35 +174,62 @@ class AddressGen(wiring.Component):
         # loop decisions below are flip-flop outputs, not comparator chains.
         counters = {"cw": (cw, cw_max), "kx": (kx, kx_max), "ky": (ky, ky_max),
                     "t": (t, t_max), "ox": (ox, ox_max), "oy": (oy, oy_max)}
+        # Likewise pen_c = (c == c_max - 1), updated from "c == c_max - 2" or "c_max == 1", so
+        # the "is last after this step" inputs of the flag updates are flip-flops too.
         last_f = {n: Signal(name=f"last_{n}") for n in counters}
-        max_m1 = {n: Signal.like(c, name=f"{n}_max_m1") for n, (c, _) in counters.items()}
+        pen_f = {n: Signal(name=f"pen_{n}") for n in counters}
+        max_m2 = {n: Signal(signed(len(c) + 1), name=f"{n}_max_m2") for n, (c, _) in counters.items()}
         max_z = {n: Signal(name=f"{n}_max_zero") for n in counters}
+        max_one = {n: Signal(name=f"{n}_max_one") for n in counters}
 
         def incr(n):
             c, _ = counters[n]
-            return [c.eq(c + 1), last_f[n].eq(c == max_m1[n])]
+            return [c.eq(c + 1), last_f[n].eq(pen_f[n]), pen_f[n].eq(c == max_m2[n])]
 
         def wrap(n):
             c, _ = counters[n]
-            return [c.eq(0), last_f[n].eq(max_z[n])]
+            return [c.eq(0), last_f[n].eq(max_z[n]), pen_f[n].eq(max_one[n])]
 
         last_cw, last_kx, last_ky = last_f["cw"], last_f["kx"], last_f["ky"]
         last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
         # last = last_cw & last_kx & last_ky, itself a flag updated with the three
         last = Signal()
-        is_m1 = {n: counters[n][0] == max_m1[n] for n in ("cw", "kx", "ky", "t")}
+        is_m1 = pen_f
+
+        def inc_for(ky_step):
+            """a_inc for the flags last_cw & last_kx = ``ky_step`` after this cycle: kept as a
+            register so no flag decode sits in front of the address adder."""
+            return Mux(ky_step, row_skip, 1)
+
+        # stage 2: the activation-address registers follow the registered step kind
+        k_inc, k_tile, k_ox, k_oy = (Signal(name=f"kind_{n}") for n in ("inc", "tile", "ox", "oy"))
+        a_inc_r = Signal(aw)
+        token = Signal.like(self.token)
+        m.d.sync += [self.token.eq(token), self.wgt_addr.eq(w_addr), a_inc_r.eq(a_inc),
+                     k_inc.eq(run & ~last), k_tile.eq(run & last & ~tile_end),
+                     k_ox.eq(run & last & tile_end & ~last_ox),
+                     k_oy.eq(run & last & tile_end & last_ox & ~last_oy)]
+        with m.If(k_inc):
+            m.d.sync += a_addr.eq(a_addr + a_inc_r)
+        with m.If(k_tile):
+            m.d.sync += a_addr.eq(pix_addr)
+        with m.If(k_ox):
+            m.d.sync += [pix_addr.eq(pix_next), a_addr.eq(pix_next),
+                         pix_next.eq(pix_next + pix_step)]
+        with m.If(k_oy):
+            m.d.sync += [pix_addr.eq(row_next), a_addr.eq(row_next),
+                         row_next.eq(row_next + row_step), pix_next.eq(row_next + pix_step)]
 
         m.d.comb += [
             self.act_addr.eq(a_addr),
-            self.wgt_addr.eq(w_addr),
-            self.token.pad.eq((iy < 0) | (iy >= d.height) | (ix < 0) | (ix >= d.width)),
-            self.token.first.eq(first),
-            self.token.last.eq(last),
-            self.token.final.eq(tile_end & last_ox & last_oy),
-            self.token.valid.eq(run),
-            self.token.tile.eq(t),
-            self.token.align_addr.eq(al_addr),
-            self.token.out_addr.eq(o_addr),
+            token.pad.eq((iy < 0) | (iy >= d.height) | (ix < 0) | (ix >= d.width)),
+            token.first.eq(first),
+            token.last.eq(last),
+            token.final.eq(tile_end & last_ox & last_oy),
+            token.valid.eq(run),
+            token.tile.eq(t),
+            token.align_addr.eq(al_addr),
+            token.out_addr.eq(o_addr),
         ]
 
         with m.FSM():
@@ -219,7 +252,8 @@ class AddressGen(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [*wcw_2, *kwcw_2, *pix_2, *pcw_2]
                 for n, (_, cmax) in counters.items():
-                    m.d.sync += [max_m1[n].eq(cmax - 1), max_z[n].eq(cmax == 0)]
+                    m.d.sync += [max_m2[n].eq(cmax - 2),
+                                 max_z[n].eq(cmax == 0), max_one[n].eq(cmax == 1)]
                 m.next = "SETUP3"
             with m.State("SETUP3"):
                 m.d.comb += self.busy.eq(1)
@@ -238,6 +272,8 @@ class AddressGen(wiring.Component):
                     w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
                 ]
                 m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
+                m.d.sync += [pen_f[n].eq(max_one[n]) for n in counters]
+                m.d.sync += a_inc.eq(inc_for(max_z["cw"] & max_z["kx"]))
                 m.d.sync += [last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"]),
                              tile_end.eq(max_z["cw"] & max_z["kx"] & max_z["ky"] & max_z["t"])]
                 m.next = "SETUP6"
@@ -245,7 +281,7 @@ class AddressGen(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 # the origin is registered first: the address registers load a flip-flop,
                 # not the two additions behind it
-                m.d.sync += [a_addr.eq(origin), pix_addr.eq(origin), row_addr.eq(origin),
+                m.d.sync += [a_addr.eq(origin), pix_addr.eq(origin),
                              pix_next.eq(origin + pix_step), row_next.eq(origin + row_step),
                              run.eq(1)]
                 m.next = "RUN"
@@ -262,24 +298,28 @@ class AddressGen(wiring.Component):
             with m.If(~last):
                 with m.If(~last_cw):
                     new_last = is_m1["cw"] & last_kx & last_ky
-                    m.d.sync += [*incr("cw"), a_addr.eq(a_addr + 1), al_addr.eq(al_addr + 1),
+                    m.d.sync += [*incr("cw"), al_addr.eq(al_addr + 1),
+                                 a_inc.eq(inc_for(is_m1["cw"] & last_kx)),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Elif(~last_kx):
                     new_last = max_z["cw"] & is_m1["kx"] & last_ky
                     m.d.sync += [*wrap("cw"), *incr("kx"), ix.eq(ix + 1),
-                                 a_addr.eq(a_addr + 1), al_addr.eq(al_base),
+                                 al_addr.eq(al_base),
+                                 a_inc.eq(inc_for(max_z["cw"] & is_m1["kx"])),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Else():
                     new_last = max_z["cw"] & max_z["kx"] & is_m1["ky"]
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), ix.eq(ix_pix),
-                                 iy.eq(iy + 1), a_addr.eq(a_addr + row_skip), al_addr.eq(al_base),
+                                 iy.eq(iy + 1), al_addr.eq(al_base),
+                                 a_inc.eq(inc_for(max_z["cw"] & max_z["kx"])),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
             with m.Else():
                 kernel_z = max_z["cw"] & max_z["kx"] & max_z["ky"]
                 m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
-                             o_addr.eq(o_addr + 1), last.eq(kernel_z)]
+                             o_addr.eq(o_addr + 1), last.eq(kernel_z),
+                             a_inc.eq(inc_for(max_z["cw"] & max_z["kx"]))]
                 with m.If(~tile_end):
-                    m.d.sync += [*incr("t"), ix.eq(ix_pix), iy.eq(iy_row), a_addr.eq(pix_addr),
+                    m.d.sync += [*incr("t"), ix.eq(ix_pix), iy.eq(iy_row),
                                  al_base.eq(al_base + d.in_words),
                                  al_addr.eq(al_base + d.in_words),
                                  tile_end.eq(kernel_z & is_m1["t"])]
@@ -288,16 +328,11 @@ class AddressGen(wiring.Component):
                                  tile_end.eq(kernel_z & max_z["t"])]
                     with m.If(~last_ox):
                         m.d.sync += [*incr("ox"), ix_pix.eq(ix_pix + d.stride),
-                                     ix.eq(ix_pix + d.stride), iy.eq(iy_row),
-                                     pix_addr.eq(pix_next), a_addr.eq(pix_next),
-                                     pix_next.eq(pix_next + pix_step)]
+                                     ix.eq(ix_pix + d.stride), iy.eq(iy_row)]
                     with m.Elif(~last_oy):
                         m.d.sync += [*wrap("ox"), *incr("oy"),
                                      ix_pix.eq(-d.pad), ix.eq(-d.pad),
-                                     iy_row.eq(iy_row + d.stride), iy.eq(iy_row + d.stride),
-                                     row_addr.eq(row_next), pix_addr.eq(row_next),
-                                     a_addr.eq(row_next), row_next.eq(row_next + row_step),
-                                     pix_next.eq(row_next + pix_step)]
+                                     iy_row.eq(iy_row + d.stride), iy.eq(iy_row + d.stride)]
                     with m.Else():
                         m.d.sync += run.eq(0)
         return m

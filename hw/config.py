@@ -60,10 +60,10 @@ class HwConfig:
     shift_bits: int = 8
     #: adder-tree levels between two pipeline registers (Fmax knob)
     tree_levels_per_stage: int = 2
-    #: output lanes (the last ones; all of them when >= lanes) whose K products are each split
-    #: into two registered half-width products (LUT multipliers, for Fmax); when > 0 every
-    #: other lane registers its single product twice (DSP block + fabric register), so all
-    #: lanes have the same latency (:attr:`product_stages` = 2)
+    #: output lanes (the last ones; all of them when >= lanes) whose K products are LUT
+    #: multipliers (radix-4 Booth, three registered stages, for Fmax); when > 0 every other
+    #: lane registers its single product three times (DSP block + fabric registers), so all
+    #: lanes have the same latency (:attr:`product_stages` = 3)
     split_lanes: int = 0
     #: activation memory depth (words)
     act_depth: int = 1 << 17
@@ -124,11 +124,11 @@ class HwConfig:
 
     @property
     def product_stages(self) -> int:
-        """Registered stages of each product in the MAC trees: 2 when any lane is split."""
-        return 2 if self.split_lanes else 1
+        """Registered stages of each product in the MAC trees: 3 when any lane is split."""
+        return 3 if self.split_lanes else 1
 
     def lane_split(self, o: int) -> bool:
-        """Whether output lane ``o`` computes its products as two half-width products."""
+        """Whether output lane ``o`` computes its products with LUT (Booth) multipliers."""
         return o >= self.lanes - min(self.split_lanes, self.lanes)
 
     @property

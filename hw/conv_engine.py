@@ -196,6 +196,14 @@ class ConvEngine(wiring.Component):
         out_shift = [Signal(shift_shape(cfg), name=f"out_shift{o}") for o in range(k)]
         out_shift_d = [Signal(shift_shape(cfg), name=f"out_shift_d{o}") for o in range(k)]
 
+        # each lane registers its own copy of the accumulator controls (kept apart in synthesis,
+        # gen/fpga.py): one shared flag would fan out to K x acc_bits mux and enable inputs
+        acc_first = [Signal(name=f"lane_first{o}") for o in range(k)]
+        acc_en = [Signal(name=f"lane_en{o}") for o in range(k)]
+        for o in range(k):
+            m.d.sync += [acc_first[o].eq(tk[st["acc"] - 1].first),
+                         acc_en[o].eq(tk[st["acc"] - 1].valid)]
+
         for o in range(k):
             mac = MacTree(k, mantissa_bits=cfg.mantissa_bits,
                           levels_per_stage=cfg.tree_levels_per_stage,
@@ -216,8 +224,8 @@ class ConvEngine(wiring.Component):
                 aln.d.eq(align_r[o]),
                 acc.i.eq(aln.o),
                 acc.bias.eq(bias_r[o]),
-                acc.first.eq(tk[st["acc"]].first),
-                acc.en.eq(tk[st["acc"]].valid),
+                acc.first.eq(acc_first[o]),
+                acc.en.eq(acc_en[o]),
                 rq_acc.i.eq(acc.o),
                 rq_acc.shift.eq(quant_r[o].acc),
                 rq_res.i.eq(Mux(self.desc.residual, res_r[o], 0)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal, signed
+from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -27,11 +27,13 @@ class MacTree(wiring.Component):
     adder tree is registered every ``levels_per_stage`` levels (and after its last level), so
     the combinational depth is one M×M multiplier or ``levels_per_stage`` adders.
 
-    With ``product_stages=2`` each product takes two registered stages: with ``split`` as
-    ``x*w_hi`` and ``x*w_lo`` (``w = w_hi * 2**h + w_lo``, ``h = M // 2``, ``w_lo`` unsigned),
-    two M×h multipliers whose sum ``(x*w_hi << h) + x*w_lo`` is the second stage (LUT
-    multipliers at high Fmax); without ``split`` as one multiplier (a DSP block) followed by a
-    second register, so split and unsplit trees have the same latency.
+    With ``product_stages`` > 1 each product takes that many registered stages. With
+    ``split`` (``product_stages=3``) it is a radix-4 Booth multiplier in LUTs: stage 1 registers
+    the ``ceil(M/2)`` partial products ``x * d_i``, ``d_i = -2 w[2i+1] + w[2i] + w[2i-1]`` in
+    {-2..2} (a select between 0, x, 2x and a negation: one LUT level and an (M+2)-bit carry
+    chain), stage 2 their pairwise sums ``pp_2j + 4 pp_2j+1``, stage 3 the rest of the sum
+    (one adder for M <= 8). Without ``split`` it is one multiplier (a DSP block) followed by
+    ``product_stages - 1`` fabric registers, so split and unsplit trees have the same latency.
 
     Parameters
     ----------
@@ -42,9 +44,9 @@ class MacTree(wiring.Component):
     levels_per_stage : int
         Adder-tree levels between two registers.
     product_stages : int
-        Registered stages of each product, 1 or 2.
+        Registered stages of each product, 1 to 3.
     split : bool
-        With ``product_stages=2``: two half-width multipliers per product.
+        With ``product_stages=3``: Booth radix-4 LUT multipliers.
 
     Members
     -------
@@ -61,9 +63,9 @@ class MacTree(wiring.Component):
         self._lanes = check_int("lanes", lanes, 1)
         self._mbits = check_int("mantissa_bits", mantissa_bits, 2, 32)
         self._lps = check_int("levels_per_stage", levels_per_stage, 1)
-        self._pst = check_int("product_stages", product_stages, 1, 2)
-        if split and self._pst != 2:
-            raise ValueError("split products need product_stages=2")
+        self._pst = check_int("product_stages", product_stages, 1, 3)
+        if split and self._pst != 3:
+            raise ValueError("split (Booth) products need product_stages=3")
         self._split = bool(split)
         word = data.ArrayLayout(signed(self._mbits), self._lanes)
         super().__init__({
@@ -93,20 +95,17 @@ class MacTree(wiring.Component):
         w_op = Signal.like(self.w, name="w_op", reset_less=True)
         m.d.sync += [x_op.eq(self.x), w_op.eq(self.w)]
         level = []
-        h = self._mbits // 2
         for c in range(self._lanes):
             p = Signal(signed(2 * self._mbits), name=f"prod{c}", reset_less=True)
-            if self._pst == 1:
-                m.d.sync += p.eq(x_op[c] * w_op[c])
-            elif self._split:
-                lo = Signal(signed(self._mbits + h + 1), name=f"prod{c}_lo", reset_less=True)
-                hi = Signal(signed(2 * self._mbits - h), name=f"prod{c}_hi", reset_less=True)
-                m.d.sync += [lo.eq(x_op[c] * w_op[c][:h].as_unsigned()),
-                             hi.eq(x_op[c] * w_op[c][h:].as_signed()),
-                             p.eq((hi << h) + lo)]
+            if self._split:
+                self._booth(m, c, x_op[c], w_op[c], p)
             else:
-                p1 = Signal(signed(2 * self._mbits), name=f"prod{c}_1", reset_less=True)
-                m.d.sync += [p1.eq(x_op[c] * w_op[c]), p.eq(p1)]
+                prev = x_op[c] * w_op[c]
+                for s in range(1, self._pst):
+                    r = Signal(signed(2 * self._mbits), name=f"prod{c}_{s}", reset_less=True)
+                    m.d.sync += r.eq(prev)
+                    prev = r
+                m.d.sync += p.eq(prev)
             level.append(p)
         depth = 0
         while len(level) > 1:
@@ -123,3 +122,28 @@ class MacTree(wiring.Component):
             level = sums
         m.d.comb += self.o.eq(level[0])
         return m
+
+    def _booth(self, m: Module, c: int, x, w, p: Signal) -> None:
+        """Three registered stages computing ``p = x * w`` (radix-4 Booth, see class doc)."""
+        mb = self._mbits
+        bit = lambda i: 0 if i < 0 else w[min(i, mb - 1)]  # noqa: E731 (sign extension)
+        pps = []
+        for i in range(-(-mb // 2)):
+            b2, b1, b0 = bit(2 * i + 1), bit(2 * i), bit(2 * i - 1)
+            one = b1 ^ b0
+            two = (b2 & ~b1 & ~b0) | (~b2 & b1 & b0)
+            mag = Signal(signed(mb + 2), name=f"prod{c}_mag{i}")
+            m.d.comb += mag.eq(Mux(two, x << 1, Mux(one, x, 0)))
+            pp = Signal(signed(mb + 2), name=f"prod{c}_pp{i}", reset_less=True)
+            m.d.sync += pp.eq(Mux(b2, -mag, mag))
+            pps.append((pp, 2 * i))
+        pairs = []
+        for j in range(0, len(pps), 2):
+            (a, sa), rest = pps[j], pps[j + 1:j + 2]
+            q = Signal(signed(mb + 5), name=f"prod{c}_q{j // 2}", reset_less=True)
+            m.d.sync += q.eq(a + (rest[0][0] << 2) if rest else a)
+            pairs.append((q, sa))
+        total = pairs[0][0]
+        for q, sh in pairs[1:]:
+            total = total + (q << sh)
+        m.d.sync += p.eq(total)

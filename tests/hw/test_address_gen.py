@@ -46,6 +46,8 @@ def model(h, w, cw, t, kh, kw, stride, pad):
     (2, 3, 2, 2, 3, 3, 1, 2),    # image smaller than the kernel, heavy padding
     (9, 9, 1, 1, 7, 7, 2, 3),
     (6, 6, 2, 1, 1, 1, 2, 0),
+    (3, 4, 2, 3, 2, 2, 2, 1),    # every loop limit 1 or 2 (the "one before last" flags)
+    (4, 5, 3, 2, 2, 3, 1, 0),
 ])
 def test_sequence(h, w, cw, t, kh, kw, stride, pad):
     ho, wo, exp = model(h, w, cw, t, kh, kw, stride, pad)

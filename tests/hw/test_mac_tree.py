@@ -24,19 +24,25 @@ def test_dot_product(pipeline, lanes, mbits, lps):
         assert r["o"] == sum(a * b for a, b in zip(x, w)), (x, w)
 
 
-@pytest.mark.parametrize("lanes, mbits, lps, split", [(16, 8, 2, True), (4, 8, 2, False),
-                                                      (5, 7, 1, True), (3, 2, 1, True)])
-def test_two_stage_products(pipeline, lanes, mbits, lps, split):
-    """product_stages=2, split (two half-width products) or not: same exact sums, full range
-    including the most negative mantissa."""
+@pytest.mark.parametrize("lanes, mbits, lps, stages, split", [
+    (16, 8, 2, 3, True), (16, 8, 1, 3, True), (4, 8, 2, 3, False), (4, 8, 1, 2, False),
+    (5, 7, 1, 3, True), (3, 2, 1, 3, True), (2, 5, 1, 3, True), (2, 16, 1, 3, True)])
+def test_multi_stage_products(pipeline, lanes, mbits, lps, stages, split):
+    """product_stages > 1, split (Booth LUT multipliers, odd and even M) or not: same exact
+    sums, full range including the most negative mantissa."""
     rng = random.Random(lanes * 7 + mbits)
-    dut = MacTree(lanes, mantissa_bits=mbits, levels_per_stage=lps, product_stages=2, split=split)
+    dut = MacTree(lanes, mantissa_bits=mbits, levels_per_stage=lps, product_stages=stages,
+                  split=split)
     lo, hi = -(1 << (mbits - 1)), (1 << (mbits - 1)) - 1
     vecs = [([lo] * lanes, [lo] * lanes), ([hi] * lanes, [lo] * lanes), ([lo] * lanes, [hi] * lanes)]
+    # every weight value against extreme and random activations: all Booth digit patterns
+    vecs += [([rng.choice([lo, hi, -1, 1, 0]) for _ in range(lanes)],
+              [max(lo, min(hi, v + k)) for k in range(lanes)])
+             for v in range(lo, hi + 1, max(1, (hi - lo) // 256))]
     vecs += [([rng.randint(lo, hi) for _ in range(lanes)], [rng.randint(lo, hi) for _ in range(lanes)])
              for _ in range(300)]
     out = pipeline(dut, [{"x": x, "w": w} for x, w in vecs], ["o"], dut.latency)
-    assert dut.latency == mac_tree_latency(lanes, lps, 2)
+    assert dut.latency == mac_tree_latency(lanes, lps, stages)
     for (x, w), r in zip(vecs, out):
         assert r["o"] == sum(a * b for a, b in zip(x, w)), (x, w)
 
@@ -46,6 +52,7 @@ def test_latency_formula():
     assert mac_tree_latency(16, 1) == 6
     assert mac_tree_latency(1, 2) == 2
     assert mac_tree_latency(16, 2, 2) == 5
+    assert mac_tree_latency(16, 1, 3) == 8
 
 
 def test_bad_params():
@@ -56,4 +63,6 @@ def test_bad_params():
             MacTree(0, mantissa_bits=8)
         with pytest.raises(TypeError, match="mantissa_bits must be an integer, not '8'"):
             MacTree(4, mantissa_bits="8")
+        with pytest.raises(ValueError, match="need product_stages=3"):
+            MacTree(4, mantissa_bits=8, product_stages=2, split=True)
         gc.collect()
