@@ -6,6 +6,10 @@ For each hardware config (default: configs/hw/pe4.yaml, pe8.yaml, default.yaml =
 size, so a long 16×16 run never loses the smaller results. Runs are cached in
 build/cache/fpga (shared with ``python -m dynacc.gen.fpga``). Optionally (``--components``)
 the engine's components one at a time between registers: where the critical paths are.
+Then (``--datapaths``, default ``dual,fused``) the other datapaths ``make gen`` generates:
+the dual-precision engine of configs/hw/dual.yaml and the fused-block engine, each with its
+ports behind flip-flops (``gen.fpga.datapath_flow``); their rows carry ``engine`` and follow
+the conv-engine rows.
 
 Writes build/bench/fpga.json: a list of {datapath, pe, luts, ffs, dsps, brams, fmax_mhz,
 peak_gmacs, ...}.
@@ -22,25 +26,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_result  # noqa: E402
 
-from dynacc.gen.fpga import (DEVICES, MEMORY_MODES, FpgaOptions, component_flow,  # noqa: E402
-                             engine_components, run_flow)
+from dynacc.gen.fpga import (DATAPATHS, DEVICES, MEMORY_MODES, FpgaOptions,  # noqa: E402
+                             component_flow, datapath_flow, engine_components, run_flow)
 from dynacc.hw.config import HwConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("datapath", "pe", "luts", "ffs", "dsps", "brams", "fmax_mhz", "peak_gmacs")
 
 
+#: hardware config of each other datapath's row
+DATAPATH_HW = {"dual": "configs/hw/dual.yaml", "fused": "configs/hw/default.yaml"}
+
+
 def _row(cfg_path: str, r: dict) -> dict:
     row = {k: r.get(k) for k in KEYS}
     row.update({
+        "engine": r.get("engine", "conv"),
         "config": cfg_path, "ok": r["ok"], "device": r["device"], "memories": r["memories"],
-        "dsp_lanes": r["dsp_lanes"], "freq_target_mhz": r["freq_target_mhz"],
+        "dsp_lanes": r.get("dsp_lanes"), "freq_target_mhz": r["freq_target_mhz"],
         "speed_grade": r.get("speed_grade"), "timing_met": r["timing_met"],
         "yosys_s": r["times_s"].get("yosys"), "nextpnr_s": r["times_s"].get("nextpnr-ecp5"),
         "cached": r.get("cached", False),
         "critical_path": (r.get("critical_path") or {}).get("components"),
         "critical_path_ns": (r.get("critical_path") or {}).get("delay_ns"),
-        "bram_need_full_depth": r["memory_need"]["total_brams"],
+        "bram_need_full_depth": (r.get("memory_need") or {}).get("total_brams"),
         "errors": [x["stderr_tail"][-600:] for x in r["runs"] if x.get("stderr_tail")],
     })
     return row
@@ -54,12 +63,13 @@ def print_table(rows: list[dict]) -> None:
     print(f"\n{'config':<26} {'array':>6} {'MAC/cyc':>7} {'LUT4':>8} {'FF':>8} {'DSP':>5} "
           f"{'BRAM':>5} {'Fmax MHz':>9} {'GMAC/s':>7} {'synth s':>8} {'P&R s':>7}  critical path")
     for r in rows:
-        print(f"{Path(r['config']).name:<26} {r['datapath']:>6} {r['pe']:>7} {_fmt(r['luts']):>8} "
+        name = Path(r["config"]).name if r["engine"] == "conv" else f"{r['engine']} engine"
+        print(f"{name:<26} {r['datapath']:>6} {r['pe']:>7} {_fmt(r['luts']):>8} "
               f"{_fmt(r['ffs']):>8} {_fmt(r['dsps']):>5} {_fmt(r['brams']):>5} "
               f"{_fmt(r['fmax_mhz'], '.1f'):>9} {_fmt(r['peak_gmacs'], '.2f'):>7} "
               f"{_fmt(r['yosys_s'], '.0f'):>8} {_fmt(r['nextpnr_s'], '.0f'):>7}  "
               f"{' → '.join(r['critical_path'] or []) or ('FAILED' if not r['ok'] else '')}")
-    ok = [r for r in rows if r["fmax_mhz"]]
+    ok = [r for r in rows if r["fmax_mhz"] and r["engine"] == "conv"]
     if len(ok) > 1:
         base = ok[0]
         print("\nratios vs " + base["datapath"] + ": " + ", ".join(
@@ -80,6 +90,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=7200.0, help="per tool run, s (default: %(default)s)")
     p.add_argument("--components", action="store_true",
                    help="also time each engine component of the last config between registers")
+    p.add_argument("--datapaths", default=",".join(DATAPATHS),
+                   help="other datapaths after the conv engine sizes, or 'none' (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true")
     args = p.parse_args()
     opts = FpgaOptions(device=args.device, freq_mhz=args.freq, memories=args.memories,
@@ -98,6 +110,14 @@ def main() -> int:
               f"BRAM {r['brams']}, Fmax {r['fmax_mhz']} MHz, peak {r['peak_gmacs']} GMAC/s "
               f"(yosys {r['times_s'].get('yosys')} s, nextpnr {r['times_s'].get('nextpnr-ecp5')} s"
               f"{', cached' if r.get('cached') else ''})", flush=True)
+        write_result("fpga.json", rows)
+    for name in [d for d in args.datapaths.split(",") if d and d != "none"]:
+        cfg = HwConfig.from_yaml(ROOT / DATAPATH_HW[name])
+        print(f"== {name} engine ...", flush=True)
+        r = datapath_flow(name, cfg, opts)
+        rows.append(_row(DATAPATH_HW[name], r))
+        print(f"   {'ok' if r['ok'] else 'FAILED'}: LUT {r['luts']}, FF {r['ffs']}, DSP {r['dsps']}, "
+              f"Fmax {r['fmax_mhz']} MHz{', cached' if r.get('cached') else ''}", flush=True)
         write_result("fpga.json", rows)
     if args.components and cfgs:
         cfg = HwConfig.from_yaml(ROOT / cfgs[-1])

@@ -95,6 +95,9 @@ NO_RW_CHECK = " -no-rw-check"
 #: one high-fanout register
 KEEP_OPERAND_COPIES = ("setattr -set keep 1 w:x_op %ci1 t:$dff %i "
                        "c:acc* %ci1:+[first,en] %ci1 t:$dff %i %u")
+#: yosys commands (after ``proc``) that flatten the design and give its internal wires
+#: readable unique names: works around yosys 0.70 assertions in ABC reintegration
+RENAME_FIRST = ["flatten", "opt_clean -purge", "autoname"]
 #: what surrounds the engine in the synthesized design (see the module docstring)
 MEMORY_MODES = ("auto", "full", "shallow", "regs", "none")
 MEMORY_MODE_TEXT = {
@@ -399,7 +402,7 @@ def parse_yosys_log(text: str) -> dict[str, int]:
 def _component(cell: str) -> str:
     """Engine component of a netlist cell name: ``engine.rqa3.q_r_TRELLIS_FF_Q`` -> ``rqa3``."""
     parts = cell.split(".")
-    if parts and parts[0] == "engine":
+    if parts and parts[0] in ("engine", "dut"):
         parts = parts[1:]
     if len(parts) >= 2:
         return parts[0]
@@ -515,6 +518,10 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
     if KEEP_OPERAND_COPIES in script_lines:
         attempts.append((synth_args, [l for l in script_lines if l != KEEP_OPERAND_COPIES]))
     attempts.append((synth_args + " -noflatten", list(script_lines)))
+    # and last with the design flattened and its internal wires renamed first (the dual
+    # engine trips the assertion, or a width assertion, under every option above)
+    if not set(RENAME_FIRST) <= set(script_lines):
+        attempts.append((synth_args, [*script_lines, *RENAME_FIRST]))
     for n, (attempt, lines) in enumerate(attempts):
         script = [f"read_verilog {Path(verilog_path).name}", f"hierarchy -top {top}", "proc",
                   *lines, f"synth_ecp5 -top {top}{attempt} -json synth.json"]
@@ -532,6 +539,8 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
             break
         nxt_args, nxt_lines = attempts[n + 1]
         how = (f"synth_ecp5{nxt_args}" if nxt_lines == lines
+               else f"synth_ecp5{nxt_args} after '{'; '.join(RENAME_FIRST)}'"
+               if nxt_lines[-len(RENAME_FIRST):] == RENAME_FIRST
                else f"synth_ecp5{nxt_args} without '{KEEP_OPERAND_COPIES}'")
         notes.append(f"yosys failed in abc9 reintegration (assertion) with synth_ecp5{attempt}; "
                      f"retried with {how}")
@@ -741,7 +750,7 @@ def component_flow(cfg: HwConfig, name: str, opts: FpgaOptions | None = None,
 
 def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None,
                  work_dir: Path | None = None, synth_args: str = "", key_extra: str = "",
-                 dsp_fallback: bool = False) -> dict[str, Any]:
+                 dsp_fallback: bool = False, script: Sequence[str] = ()) -> dict[str, Any]:
     """yosys + nextpnr on ``component`` with every port behind a flip-flop
     (:func:`registered_wrapper`: memories idealised as registered sources and sinks, every
     path timed reg-to-reg as inside a design). With ``dsp_fallback``, a design whose
@@ -757,21 +766,22 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
     try:
         vpath = tmp / f"{top}.v"
         vpath.write_text(verilog.convert(wrapper, name=top, ports=ports, emit_src=False))
-        key = _cache_key(vpath.read_text(), opts, key_extra + (",dspfit" if dsp_fallback else ""))
+        key = _cache_key(vpath.read_text(), opts, key_extra + (",dspfit" if dsp_fallback else "")
+                         + "|" + ";".join(script))
         cache = Path(opts.cache_dir) / key if opts.cache_dir else None
         if cache is not None and (cache / "result.json").exists():
             res = json.loads((cache / "result.json").read_text())
             res["cached"] = True
             return res
         work = Path(work_dir) if work_dir else (cache or tmp / "work")
-        r = implement(vpath, top, [], device, opts, work, synth_args)
+        r = implement(vpath, top, list(script), device, opts, work, synth_args)
         notes = list(r["notes"])
         runs = list(r["runs"])
         need = r["yosys_cells"].get("MULT18X18D", 0)
         if dsp_fallback and need > device.dsps and "-nodsp" not in synth_args:
             notes.append(f"{need} MULT18X18D needed, {device.dsps} on the {device.name}: "
                          "synthesized again with LUT multipliers (synth_ecp5 -nodsp)")
-            r = implement(vpath, top, [], device, opts, work, synth_args + " -nodsp")
+            r = implement(vpath, top, list(script), device, opts, work, synth_args + " -nodsp")
             notes += r["notes"]
             runs += r["runs"]
         pnr = r["pnr"] or {}
@@ -839,7 +849,10 @@ def datapath_flow(name: str, cfg: HwConfig, opts: FpgaOptions | None = None,
     """Resources and Fmax of a datapath other than the conv engine (:func:`datapath_engine`),
     its memory ports behind flip-flops (``regs``), multipliers on DSPs while they fit."""
     engine, macs, label = datapath_engine(name, cfg, fused)
-    res = wrapped_flow(engine, macs, opts, work_dir, "", f"datapath={name}", dsp_fallback=True)
+    # yosys 0.70 trips an assertion in ABC reintegration on the dual engine unless the
+    # design is flattened and its internal wires renamed first
+    res = wrapped_flow(engine, macs, opts, work_dir, "", f"datapath={name}",
+                       dsp_fallback=True, script=RENAME_FIRST)
     res.update(engine=name, datapath=label, pe=macs, memories="regs")
     return res
 

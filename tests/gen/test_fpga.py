@@ -39,7 +39,7 @@ def test_parse_nextpnr_report_json():
     assert cp["from"] == "posedge clk" and cp["to"] == "posedge clk"
     assert cp["delay_ns"] == pytest.approx(1e3 / 245.28, rel=0.02)
     assert cp["logic_ns"] + cp["routing_ns"] == pytest.approx(cp["delay_ns"], abs=1e-3)
-    assert cp["start_cell"].startswith("dut.") and "dut" in cp["components"]
+    assert cp["start_cell"].startswith("dut.") and cp["components"] == ["top"]  # dut = the datapath
 
 
 def test_parse_nextpnr_log_takes_the_post_route_fmax():
@@ -71,6 +71,9 @@ def test_critical_path_summary_components_and_empty():
     assert cp["components"] == ["agen", "rqa3"]
     assert cp["delay_ns"] == pytest.approx(3.6) and cp["routing_ns"] == pytest.approx(1.0)
     assert critical_path_summary([]) is None
+    # the wrapped datapaths' cells sit under "dut"
+    assert fpga._component("dut.mac3.prod1_pp2_TRELLIS_FF_Q") == "mac3"
+    assert fpga._component("dut.tile_end_TRELLIS_FF_Q") == "top"
 
 
 # -- derived numbers -------------------------------------------------------------------------------
