@@ -61,9 +61,9 @@ class HwConfig:
     #: adder-tree levels between two pipeline registers (Fmax knob)
     tree_levels_per_stage: int = 2
     #: output lanes (the last ones; all of them when >= lanes) whose K products are LUT
-    #: multipliers (radix-4 Booth, three registered stages, for Fmax); when > 0 every other
-    #: lane registers its single product three times (DSP block + fabric registers), so all
-    #: lanes have the same latency (:attr:`product_stages` = 3)
+    #: multipliers (radix-4 Booth, four registered stages, for Fmax); when > 0 every other
+    #: lane registers its single product four times (DSP block + fabric registers), so all
+    #: lanes have the same latency (:attr:`product_stages` = 4)
     split_lanes: int = 0
     #: activation memory depth (words)
     act_depth: int = 1 << 17
@@ -124,8 +124,8 @@ class HwConfig:
 
     @property
     def product_stages(self) -> int:
-        """Registered stages of each product in the MAC trees: 3 when any lane is split."""
-        return 3 if self.split_lanes else 1
+        """Registered stages of each product in the MAC trees: 4 when any lane is split."""
+        return 4 if self.split_lanes else 1
 
     def lane_split(self, o: int) -> bool:
         """Whether output lane ``o`` computes its products with LUT (Booth) multipliers."""

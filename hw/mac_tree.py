@@ -28,11 +28,12 @@ class MacTree(wiring.Component):
     the combinational depth is one M×M multiplier or ``levels_per_stage`` adders.
 
     With ``product_stages`` > 1 each product takes that many registered stages. With
-    ``split`` (``product_stages=3``) it is a radix-4 Booth multiplier in LUTs: stage 1 registers
-    the ``ceil(M/2)`` partial products ``x * d_i``, ``d_i = -2 w[2i+1] + w[2i] + w[2i-1]`` in
-    {-2..2} (a select between 0, x, 2x and a negation: one LUT level and an (M+2)-bit carry
-    chain), stage 2 their pairwise sums ``pp_2j + 4 pp_2j+1``, stage 3 the rest of the sum
-    (one adder for M <= 8). Without ``split`` it is one multiplier (a DSP block) followed by
+    ``split`` (``product_stages=4``) it is a radix-4 Booth multiplier in LUTs: stage 1 registers
+    the controls of the ``ceil(M/2)`` digits ``d_i = -2 w[2i+1] + w[2i] + w[2i-1]`` in {-2..2}
+    (one LUT each; the operand flip-flops then drive only these), stage 2 the partial products
+    ``x * d_i`` (a select between 0, x, 2x and a negation: one LUT level and an (M+2)-bit
+    carry chain), stage 3 their pairwise sums ``pp_2j + 4 pp_2j+1``, stage 4 the rest of the
+    sum (one adder for M <= 8). Without ``split`` it is one multiplier (a DSP block) followed by
     ``product_stages - 1`` fabric registers, so split and unsplit trees have the same latency.
 
     Parameters
@@ -44,9 +45,9 @@ class MacTree(wiring.Component):
     levels_per_stage : int
         Adder-tree levels between two registers.
     product_stages : int
-        Registered stages of each product, 1 to 3.
+        Registered stages of each product, 1 to 4.
     split : bool
-        With ``product_stages=3``: Booth radix-4 LUT multipliers.
+        With ``product_stages=4``: Booth radix-4 LUT multipliers.
 
     Members
     -------
@@ -63,9 +64,9 @@ class MacTree(wiring.Component):
         self._lanes = check_int("lanes", lanes, 1)
         self._mbits = check_int("mantissa_bits", mantissa_bits, 2, 32)
         self._lps = check_int("levels_per_stage", levels_per_stage, 1)
-        self._pst = check_int("product_stages", product_stages, 1, 3)
-        if split and self._pst != 3:
-            raise ValueError("split (Booth) products need product_stages=3")
+        self._pst = check_int("product_stages", product_stages, 1, 4)
+        if split and self._pst != 4:
+            raise ValueError("split (Booth) products need product_stages=4")
         self._split = bool(split)
         word = data.ArrayLayout(signed(self._mbits), self._lanes)
         super().__init__({
@@ -124,25 +125,35 @@ class MacTree(wiring.Component):
         return m
 
     def _booth(self, m: Module, c: int, x, w, p: Signal) -> None:
-        """Three registered stages computing ``p = x * w`` (radix-4 Booth, see class doc)."""
+        """Four registered stages computing ``p = x * w`` (radix-4 Booth, see class doc)."""
         mb = self._mbits
         bit = lambda i: 0 if i < 0 else w[min(i, mb - 1)]  # noqa: E731 (sign extension)
+        # stage 1: the Booth digits' controls (and x, delayed alongside), placed next to their
+        # partial products so the operand registers only drive these few flip-flops
+        xd = Signal(signed(mb), name=f"prod{c}_x", reset_less=True)
+        m.d.sync += xd.eq(x)
         pps = []
         for i in range(-(-mb // 2)):
             b2, b1, b0 = bit(2 * i + 1), bit(2 * i), bit(2 * i - 1)
-            one = b1 ^ b0
-            two = (b2 & ~b1 & ~b0) | (~b2 & b1 & b0)
+            one = Signal(name=f"prod{c}_one{i}", reset_less=True)
+            two = Signal(name=f"prod{c}_two{i}", reset_less=True)
+            neg = Signal(name=f"prod{c}_neg{i}", reset_less=True)
+            m.d.sync += [one.eq(b1 ^ b0), two.eq((b2 & ~b1 & ~b0) | (~b2 & b1 & b0)),
+                         neg.eq(b2)]
+            # stage 2: the partial product x * d_i
             mag = Signal(signed(mb + 2), name=f"prod{c}_mag{i}")
-            m.d.comb += mag.eq(Mux(two, x << 1, Mux(one, x, 0)))
+            m.d.comb += mag.eq(Mux(two, xd << 1, Mux(one, xd, 0)))
             pp = Signal(signed(mb + 2), name=f"prod{c}_pp{i}", reset_less=True)
-            m.d.sync += pp.eq(Mux(b2, -mag, mag))
+            m.d.sync += pp.eq(Mux(neg, -mag, mag))
             pps.append((pp, 2 * i))
+        # stage 3: pairwise sums
         pairs = []
         for j in range(0, len(pps), 2):
             (a, sa), rest = pps[j], pps[j + 1:j + 2]
             q = Signal(signed(mb + 5), name=f"prod{c}_q{j // 2}", reset_less=True)
             m.d.sync += q.eq(a + (rest[0][0] << 2) if rest else a)
             pairs.append((q, sa))
+        # stage 4: the rest of the sum
         total = pairs[0][0]
         for q, sh in pairs[1:]:
             total = total + (q << sh)

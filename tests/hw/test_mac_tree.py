@@ -25,8 +25,8 @@ def test_dot_product(pipeline, lanes, mbits, lps):
 
 
 @pytest.mark.parametrize("lanes, mbits, lps, stages, split", [
-    (16, 8, 2, 3, True), (16, 8, 1, 3, True), (4, 8, 2, 3, False), (4, 8, 1, 2, False),
-    (5, 7, 1, 3, True), (3, 2, 1, 3, True), (2, 5, 1, 3, True), (2, 16, 1, 3, True)])
+    (16, 8, 2, 4, True), (16, 8, 1, 4, True), (4, 8, 2, 4, False), (4, 8, 1, 3, False),
+    (5, 7, 1, 4, True), (3, 2, 1, 4, True), (2, 5, 1, 4, True), (2, 16, 1, 4, True)])
 def test_multi_stage_products(pipeline, lanes, mbits, lps, stages, split):
     """product_stages > 1, split (Booth LUT multipliers, odd and even M) or not: same exact
     sums, full range including the most negative mantissa."""
@@ -52,7 +52,7 @@ def test_latency_formula():
     assert mac_tree_latency(16, 1) == 6
     assert mac_tree_latency(1, 2) == 2
     assert mac_tree_latency(16, 2, 2) == 5
-    assert mac_tree_latency(16, 1, 3) == 8
+    assert mac_tree_latency(16, 1, 4) == 9
 
 
 def test_bad_params():
@@ -63,6 +63,6 @@ def test_bad_params():
             MacTree(0, mantissa_bits=8)
         with pytest.raises(TypeError, match="mantissa_bits must be an integer, not '8'"):
             MacTree(4, mantissa_bits="8")
-        with pytest.raises(ValueError, match="need product_stages=3"):
-            MacTree(4, mantissa_bits=8, product_stages=2, split=True)
+        with pytest.raises(ValueError, match="need product_stages=4"):
+            MacTree(4, mantissa_bits=8, product_stages=3, split=True)
         gc.collect()
