@@ -835,12 +835,12 @@ def datapath_engine(name: str, cfg: HwConfig, fused: Any = None) -> tuple[Any, i
     input pixel with the accumulated ``A`` columns are its multiplications."""
     if name == "dual":
         from dynacc.hw.dual_engine import DualEngine
-        return DualEngine(cfg), cfg.macs_per_cycle, f"dual {cfg.lanes}x{cfg.lanes}"
+        return DualEngine(cfg), cfg.macs_per_cycle, f"{cfg.lanes}x{cfg.lanes}"
     if name == "fused":
         from dynacc.hw.fused_config import FusedConfig
         from dynacc.hw.fused_engine import FusedEngine
         f = fused or FusedConfig()
-        return FusedEngine(f), f.lanes * f.group_in, f"fused {f.lanes}x{f.group_in}"
+        return FusedEngine(f), f.lanes * f.group_in, f"{f.lanes}x{f.group_in}"
     raise ValueError(f"unknown datapath {name!r}; known: conv, {', '.join(DATAPATHS)}")
 
 
