@@ -13,7 +13,7 @@ from dynacc.quant.graph import UnsupportedLayerError
 from dynacc.quant.models import list_models
 
 from .fused_gen import FUSED_MODELS
-from .gated_models import GATED_MODELS
+from .gated_models import GATED_MODELS, default_hw
 from .layer_program import MappingError
 from .fused_gen import STEPS as FUSED_STEPS
 from .pipeline import STEPS, GenOptions, run
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown model {args.model!r}; known: {', '.join(_known())}")
         if args.model in FUSED_MODELS:
             return _fused(args)
-        hw = HwConfig.from_yaml(args.hw or ("configs/hw/dual.yaml" if args.model in GATED_MODELS
-                                            else "configs/hw/default.yaml"))
+        hw = HwConfig.from_yaml(args.hw or default_hw(args.model))
         opts = GenOptions(model=args.model, hw=hw,
                           out_dir=Path(args.out or f"build/{args.model}"),
                           checkpoint=args.checkpoint, method=args.method or "kl",

@@ -65,6 +65,7 @@ from dynacc.hw.config import HwConfig
 
 from .bram_outreg import absorb_bram_output_registers
 from .dsp_regs import absorb_multiplier_registers
+from .gated_models import GATED_MODELS, default_hw
 
 __all__ = [
     "DEVICES", "Device", "ToolRun", "FpgaOptions", "bram_blocks", "memory_needs",
@@ -804,27 +805,19 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
 
 # -- the other datapaths ------------------------------------------------------------------------
 #: datapaths ``make gen`` emits besides the conv engine: the dual-precision engine for gated
-#: models (PG, DFS, CG, FBS), the fused-block engine for fusion models
+#: models (PG, DFS, CG), the fused-block engine for fusion models
 DATAPATHS = ("dual", "fused")
 
 
 def model_datapaths(model: str) -> list[str]:
     """The datapaths besides the conv engine that ``make gen MODEL=model`` generates."""
     from .fused_gen import FUSED_MODELS
-    from .gated_models import GATED_MODELS
 
     if model in FUSED_MODELS:
         return ["fused"]
     if model in GATED_MODELS:
         return ["dual"]
     return []
-
-
-def default_hw(model: str) -> str:
-    """The hardware config ``make gen`` uses for ``model`` (dual.yaml for gated models)."""
-    from .gated_models import GATED_MODELS
-
-    return "configs/hw/dual.yaml" if model in GATED_MODELS else "configs/hw/default.yaml"
 
 
 def datapath_engine(name: str, cfg: HwConfig, fused: Any = None) -> tuple[Any, int, str]:

@@ -15,7 +15,7 @@ import fcntl
 from pathlib import Path
 
 __all__ = ["GATED_MODELS", "TRAINED_MODELS", "gated_checkpoint", "backbone", "model_checkpoint",
-           "stored_dual_program"]
+           "stored_dual_program", "default_hw"]
 
 #: gen model name -> (backbone model name, quant CLI arguments that train it on digits)
 GATED_MODELS: dict[str, tuple[str, list[str]]] = {
@@ -23,6 +23,12 @@ GATED_MODELS: dict[str, tuple[str, list[str]]] = {
     "dfs_resnet20": ("resnet20", ["train-dfs", "--model", "resnet20", "--data", "digits"]),
     "cg_resnet20": ("resnet20", ["train-cg", "--model", "resnet20", "--data", "digits"]),
 }
+
+def default_hw(model: str) -> str:
+    """The hardware config of ``model`` when none is given (``make gen``, ``make fpga``): the
+    dual-precision engine's ``configs/hw/dual.yaml`` for gated models, else the default."""
+    return "configs/hw/dual.yaml" if model in GATED_MODELS else "configs/hw/default.yaml"
+
 
 #: every digits-trained model :func:`gated_checkpoint` can make: the ``make gen`` models above
 #: and ``fbs_net`` (FBS on ``fbs_cnn``), whose layers are compacted per image by the host

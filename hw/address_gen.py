@@ -194,7 +194,6 @@ class AddressGen(wiring.Component):
         last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
         # last = last_cw & last_kx & last_ky, itself a flag updated with the three
         last = Signal()
-        is_m1 = pen_f
 
         def inc_for(ky_step):
             """a_inc for the flags last_cw & last_kx = ``ky_step`` after this cycle: kept as a
@@ -297,18 +296,18 @@ class AddressGen(wiring.Component):
             m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
             with m.If(~last):
                 with m.If(~last_cw):
-                    new_last = is_m1["cw"] & last_kx & last_ky
+                    new_last = pen_f["cw"] & last_kx & last_ky
                     m.d.sync += [*incr("cw"), al_addr.eq(al_addr + 1),
-                                 a_inc.eq(inc_for(is_m1["cw"] & last_kx)),
+                                 a_inc.eq(inc_for(pen_f["cw"] & last_kx)),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Elif(~last_kx):
-                    new_last = max_z["cw"] & is_m1["kx"] & last_ky
+                    new_last = max_z["cw"] & pen_f["kx"] & last_ky
                     m.d.sync += [*wrap("cw"), *incr("kx"), ix.eq(ix + 1),
                                  al_addr.eq(al_base),
-                                 a_inc.eq(inc_for(max_z["cw"] & is_m1["kx"])),
+                                 a_inc.eq(inc_for(max_z["cw"] & pen_f["kx"])),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Else():
-                    new_last = max_z["cw"] & max_z["kx"] & is_m1["ky"]
+                    new_last = max_z["cw"] & max_z["kx"] & pen_f["ky"]
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), ix.eq(ix_pix),
                                  iy.eq(iy + 1), al_addr.eq(al_base),
                                  a_inc.eq(inc_for(max_z["cw"] & max_z["kx"])),
@@ -322,7 +321,7 @@ class AddressGen(wiring.Component):
                     m.d.sync += [*incr("t"), ix.eq(ix_pix), iy.eq(iy_row),
                                  al_base.eq(al_base + d.in_words),
                                  al_addr.eq(al_base + d.in_words),
-                                 tile_end.eq(kernel_z & is_m1["t"])]
+                                 tile_end.eq(kernel_z & pen_f["t"])]
                 with m.Else():
                     m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
                                  tile_end.eq(kernel_z & max_z["t"])]
