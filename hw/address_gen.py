@@ -54,8 +54,9 @@ class AddressGen(wiring.Component):
     ``stride*CW``, a new row ``stride*W*CW``. These steps are computed from the descriptor in
     :data:`SETUP_CYCLES` registered cycles after ``start``. For Fmax every per-step decision
     is a flip-flop: each loop counter carries a registered "is last" flag, and the origins of
-    the next pixel and row are kept one addition ahead, so a step only adds +1 or
-    ``row_skip`` to the activation address and selects among registers. The weight address runs
+    the next pixel and row (their addresses and their input coordinates ``ix``/``iy``) are kept
+    one addition ahead, so a step only adds +1 or ``row_skip`` to the activation address, +1
+    to a coordinate, or selects among registers. The weight address runs
     ``((t*kh + ky)*kw + kx)*CW + cw``, i.e. +1 per step, back to 0 at each new pixel.
 
     Two stages: the loop counters and their flags decide each step's kind (next word, next
@@ -153,6 +154,10 @@ class AddressGen(wiring.Component):
         cw = Signal.like(d.in_words)
         iy_row = Signal(pos_w)   # oy*stride - pad
         ix_pix = Signal(pos_w)   # ox*stride - pad
+        iy_row_next = Signal(pos_w)  # iy_row + stride, kept one step ahead
+        ix_pix_next = Signal(pos_w)  # ix_pix + stride, kept one step ahead
+        neg_pad = Signal(pos_w)      # -pad (the first pixel's and row's origin)
+        neg_pad_next = Signal(pos_w)  # stride - pad
         iy = Signal(pos_w)       # iy_row + ky
         ix = Signal(pos_w)       # ix_pix + kx
         a_addr = Signal(aw)      # (iy*W + ix)*CW + cw
@@ -239,6 +244,7 @@ class AddressGen(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [*wcw_1, *kwcw_1, *pix_1, *pcw_1]
                 m.d.sync += [
+                    neg_pad.eq(-d.pad), neg_pad_next.eq(d.stride - d.pad),
                     cw_max.eq(d.in_words - 1),
                     kx_max.eq(d.kernel_w - 1),
                     ky_max.eq(d.kernel_h - 1),
@@ -267,7 +273,8 @@ class AddressGen(wiring.Component):
                 m.d.sync += [
                     origin.eq(-(pad_wcw + pad_cw)),
                     oy.eq(0), ox.eq(0), t.eq(0), ky.eq(0), kx.eq(0), cw.eq(0), first.eq(1),
-                    iy_row.eq(-d.pad), ix_pix.eq(-d.pad), iy.eq(-d.pad), ix.eq(-d.pad),
+                    iy_row.eq(neg_pad), ix_pix.eq(neg_pad), iy.eq(neg_pad), ix.eq(neg_pad),
+                    iy_row_next.eq(neg_pad_next), ix_pix_next.eq(neg_pad_next),
                     w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
                 ]
                 m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
@@ -326,12 +333,14 @@ class AddressGen(wiring.Component):
                     m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
                                  tile_end.eq(kernel_z & max_z["t"])]
                     with m.If(~last_ox):
-                        m.d.sync += [*incr("ox"), ix_pix.eq(ix_pix + d.stride),
-                                     ix.eq(ix_pix + d.stride), iy.eq(iy_row)]
+                        m.d.sync += [*incr("ox"), ix_pix.eq(ix_pix_next), ix.eq(ix_pix_next),
+                                     ix_pix_next.eq(ix_pix_next + d.stride), iy.eq(iy_row)]
                     with m.Elif(~last_oy):
                         m.d.sync += [*wrap("ox"), *incr("oy"),
-                                     ix_pix.eq(-d.pad), ix.eq(-d.pad),
-                                     iy_row.eq(iy_row + d.stride), iy.eq(iy_row + d.stride)]
+                                     ix_pix.eq(neg_pad), ix.eq(neg_pad),
+                                     ix_pix_next.eq(neg_pad_next),
+                                     iy_row.eq(iy_row_next), iy.eq(iy_row_next),
+                                     iy_row_next.eq(iy_row_next + d.stride)]
                     with m.Else():
                         m.d.sync += run.eq(0)
         return m

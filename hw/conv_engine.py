@@ -35,9 +35,8 @@ MEMORIES = {
 
 #: cycles from a memory address to its word at the engine's units: the memory's read latency
 #: (1) plus two registers (the first has the block RAM as its only driver and the second as
-#: its only load), so no block-RAM output drives logic. On the ECP5 the block RAM's
-#: clock-to-output (5.6-5.8 ns in nextpnr's timing model) plus the routing into the fabric
-#: (about 2 ns) still bounds these paths near 125-130 MHz.
+#: its only load; the activation word's padding zeroes the second), so no block-RAM output
+#: drives logic and ``gen/bram_outreg.py`` can move the first into the RAM's output register.
 READ_DELAY = 3
 
 
@@ -177,20 +176,22 @@ class ConvEngine(wiring.Component):
         ]
 
         # input registers of the read words (data-path only: no reset, no logic between the
-        # block RAM and the registers); a padded activation word and a disabled residual are
-        # zeroed after them
-        def rd_reg(name):
+        # block RAM and the first register); a padded activation word is zeroed on its way
+        # into the second register (a flip-flop reset, local to the word), so the register
+        # that fans out to every MAC tree's operand copy drives them directly; a disabled
+        # residual is zeroed after its registers
+        def rd_reg(name, zero=None):
             prev = getattr(self, name).data
             for n in range(READ_DELAY - 1):
                 r = Signal.like(prev, name=f"{name}_r{n}", reset_less=True)
-                m.d.sync += r.eq(prev)
+                last = n == READ_DELAY - 2
+                m.d.sync += r.eq(Mux(zero, 0, prev) if last and zero is not None else prev)
                 prev = r
             return prev
 
-        act_r, wgt_r, align_r, bias_r, quant_r, res_r = (
-            rd_reg(n) for n in ("act", "wgt", "align", "bias", "quant", "res"))
-        x = Signal.like(act_r, name="x")
-        m.d.comb += x.eq(Mux(tk[st["mac"]].pad, 0, act_r))
+        x = rd_reg("act", zero=tk[st["mac"] - 1].pad)
+        wgt_r, align_r, bias_r, quant_r, res_r = (
+            rd_reg(n) for n in ("wgt", "align", "bias", "quant", "res"))
 
         # residual requantizer shifts arrive at stage rq; the output shift is used at stage sum
         out_shift = [Signal(shift_shape(cfg), name=f"out_shift{o}") for o in range(k)]
