@@ -46,7 +46,7 @@ def _row(cfg_path: str, r: dict) -> dict:
         "dsp_lanes": r.get("dsp_lanes"), "freq_target_mhz": r["freq_target_mhz"],
         "speed_grade": r.get("speed_grade"), "timing_met": r["timing_met"],
         "yosys_s": r["times_s"].get("yosys"), "nextpnr_s": r["times_s"].get("nextpnr-ecp5"),
-        "cached": r.get("cached", False),
+        "cached": r.get("cached", False), "does_not_fit": r.get("does_not_fit", False),
         "critical_path": (r.get("critical_path") or {}).get("components"),
         "critical_path_ns": (r.get("critical_path") or {}).get("delay_ns"),
         "bram_need_full_depth": (r.get("memory_need") or {}).get("total_brams"),

@@ -502,10 +502,13 @@ def _cache_key(verilog_text: str, opts: FpgaOptions, extra: str) -> str:
 
 
 def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device: Device,
-              opts: FpgaOptions, work: Path, synth_args: str = "") -> dict[str, Any]:
+              opts: FpgaOptions, work: Path, synth_args: str = "",
+              require_dsp_fit: bool = False) -> dict[str, Any]:
     """yosys (``script_lines`` run between ``proc`` and ``synth_ecp5``) then nextpnr on one
-    Verilog file in ``work``. Returns ``{"ok", "runs", "yosys_cells", "pnr"}``; tool failures
-    are recorded, never raised."""
+    Verilog file in ``work``. Returns ``{"ok", "runs", "yosys_cells", "pnr", "dsp_overflow"}``;
+    tool failures are recorded, never raised. With ``require_dsp_fit``, a netlist that needs
+    more MULT18X18D than ``device`` has is not placed (nextpnr would only fail on it) and
+    ``dsp_overflow`` is set."""
     work.mkdir(parents=True, exist_ok=True)
     if Path(verilog_path).resolve() != (work / Path(verilog_path).name).resolve():
         shutil.copy(verilog_path, work / Path(verilog_path).name)
@@ -548,6 +551,10 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
     cells = parse_yosys_log(ylog)
     pnr = None
     outreg = dspregs = None
+    overflow = require_dsp_fit and cells.get("MULT18X18D", 0) > device.dsps
+    if overflow:
+        return {"ok": False, "runs": runs, "yosys_cells": cells, "pnr": None, "notes": notes,
+                "bram_outreg": None, "dsp_regs": None, "dsp_overflow": True}
     if ys.ok and (work / "synth.json").exists() and (opts.bram_outreg or opts.dsp_regs):
         netlist = json.loads((work / "synth.json").read_text())
         if top in netlist.get("modules", {}):
@@ -586,7 +593,7 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
     ok = bool(runs) and runs[-1].tool.endswith("nextpnr-ecp5") and runs[-1].ok \
         and runs[-2].ok and bool(pnr and pnr["fmax"])
     return {"ok": ok, "runs": runs, "yosys_cells": cells, "pnr": pnr, "notes": notes,
-            "bram_outreg": outreg, "dsp_regs": dspregs}
+            "bram_outreg": outreg, "dsp_regs": dspregs, "dsp_overflow": False}
 
 
 def _tool_times(runs: Sequence[ToolRun]) -> dict[str, float]:
@@ -667,7 +674,13 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
                                                         "flip_flops_removed")}),
             "work_dir": str(work),
         }
-        if cache is not None and r["ok"]:
+        # a design that does not fit is a property of the netlist, like a result: cached too
+        # (tool crashes and time-outs are not)
+        over = [] if r["ok"] else _overflowing_cells(r["runs"], work / "nextpnr.log")
+        res["does_not_fit"] = bool(over)
+        if over:
+            res["notes"].append(f"does not fit the {device.name}: {', '.join(over)}")
+        if cache is not None and (r["ok"] or res["does_not_fit"]):
             cache.mkdir(parents=True, exist_ok=True)
             (cache / "result.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
         return res
@@ -755,8 +768,10 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
     """yosys + nextpnr on ``component`` with every port behind a flip-flop
     (:func:`registered_wrapper`: memories idealised as registered sources and sinks, every
     path timed reg-to-reg as inside a design). With ``dsp_fallback``, a design whose
-    multipliers need more MULT18X18D than the device has is synthesized again with
-    ``-nodsp`` (LUT multipliers), and a note says so. Cached like :func:`run_flow`."""
+    multipliers need more MULT18X18D than the device has is not placed but synthesized again
+    with ``-nodsp`` (LUT multipliers), and a note says so. Cached like :func:`run_flow`; a
+    design that does not fit the device (``does_not_fit``) is cached too, since running the
+    tools again gives the same answer."""
     from amaranth.back import verilog
 
     opts = opts or FpgaOptions()
@@ -775,13 +790,15 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
             res["cached"] = True
             return res
         work = Path(work_dir) if work_dir else (cache or tmp / "work")
-        r = implement(vpath, top, list(script), device, opts, work, synth_args)
+        fallback = dsp_fallback and "-nodsp" not in synth_args
+        r = implement(vpath, top, list(script), device, opts, work, synth_args,
+                      require_dsp_fit=fallback)
         notes = list(r["notes"])
         runs = list(r["runs"])
         need = r["yosys_cells"].get("MULT18X18D", 0)
-        if dsp_fallback and need > device.dsps and "-nodsp" not in synth_args:
-            notes.append(f"{need} MULT18X18D needed, {device.dsps} on the {device.name}: "
-                         "synthesized again with LUT multipliers (synth_ecp5 -nodsp)")
+        if r["dsp_overflow"]:
+            notes.append(f"{need} MULT18X18D needed, {device.dsps} on the {device.name}: not "
+                         "placed; synthesized again with LUT multipliers (synth_ecp5 -nodsp)")
             r = implement(vpath, top, list(script), device, opts, work, synth_args + " -nodsp")
             notes += r["notes"]
             runs += r["runs"]
@@ -795,12 +812,34 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
                "critical_path": pnr.get("critical_path"),
                "times_s": _tool_times(runs), "runs": [t.to_dict() for t in runs],
                "notes": notes}
-        if cache is not None and r["ok"]:
+        # a design that does not fit is a property of the netlist, like a result: cached too
+        # (tool crashes and time-outs are not)
+        over = [] if r["ok"] else _overflowing_cells(runs, work / "nextpnr.log")
+        res["does_not_fit"] = bool(over)
+        if over:
+            notes.append(f"does not fit the {device.name}: {', '.join(over)}")
+        if cache is not None and (r["ok"] or res["does_not_fit"]):
             cache.mkdir(parents=True, exist_ok=True)
             (cache / "result.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
         return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: a utilisation line of nextpnr's log: ``Info:  TRELLIS_COMB:   96587/  83640   115%``
+_UTIL_LINE = re.compile(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", re.M)
+
+
+def _overflowing_cells(runs: Sequence[ToolRun], nextpnr_log: Path) -> list[str]:
+    """``"CELL used/available"`` of every cell type the design needs more of than the device
+    has, when the last tool run was nextpnr and failed (its log's utilisation table); empty
+    when it fits, or failed for another reason."""
+    if not runs or not runs[-1].tool.endswith("nextpnr-ecp5") or runs[-1].ok \
+            or runs[-1].timed_out or not nextpnr_log.exists():
+        return []
+    text = nextpnr_log.read_text(errors="replace")
+    return [f"{cell} {used}/{avail}" for cell, used, avail in _UTIL_LINE.findall(text)
+            if int(used) > int(avail)]
 
 
 # -- the other datapaths ------------------------------------------------------------------------

