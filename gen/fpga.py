@@ -728,6 +728,7 @@ def engine_components(cfg: HwConfig) -> dict[str, Any]:
     from dynacc.hw.activation import Activation
     from dynacc.hw.address_gen import AddressGen
     from dynacc.hw.aligner import Aligner
+    from dynacc.hw.conv_engine import ALIGN_STAGES
     from dynacc.hw.mac_tree import MacTree
     from dynacc.hw.requantizer import Requantizer
     from dynacc.hw.types import acc_shape, aligned_shape, tree_shape
@@ -741,7 +742,8 @@ def engine_components(cfg: HwConfig) -> dict[str, Any]:
                                    levels_per_stage=cfg.tree_levels_per_stage,
                                    product_stages=cfg.product_stages,
                                    split=cfg.split_lanes > 0),
-        "aln": lambda: Aligner(in_width=tree_shape(cfg).width, max_shift=cfg.align_span),
+        "aln": lambda: Aligner(in_width=tree_shape(cfg).width, max_shift=cfg.align_span,
+                               stages=ALIGN_STAGES),
         "acc": lambda: Accumulator(in_width=aligned_shape(cfg).width,
                                    acc_bits=acc_shape(cfg).width),
         "rqa": lambda: Requantizer(cfg.fmt, in_width=cfg.acc_bits, shift_bits=cfg.shift_bits),

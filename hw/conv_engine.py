@@ -40,6 +40,11 @@ MEMORIES = {
 READ_DELAY = 3
 
 
+#: registered stages of each lane's aligner (the shift split in two halves of d's bits, for
+#: Fmax: :class:`Aligner`)
+ALIGN_STAGES = 2
+
+
 def _depth(cfg: HwConfig, field: str) -> int:
     return cfg.max_tiles if field == "tiles" else getattr(cfg, field)
 
@@ -134,7 +139,7 @@ class ConvEngine(wiring.Component):
         s = {"mac": READ_DELAY}
         s["align"] = s["mac"] + mac_tree_latency(cfg.lanes, cfg.tree_levels_per_stage,
                                                  cfg.product_stages)
-        s["acc"] = s["align"] + Aligner.LATENCY
+        s["acc"] = s["align"] + ALIGN_STAGES
         s["rq"] = s["acc"] + Accumulator.LATENCY
         s["sum"] = s["rq"] + Requantizer.LATENCY
         s["act"] = s["sum"] + Requantizer.LATENCY
@@ -209,7 +214,8 @@ class ConvEngine(wiring.Component):
             mac = MacTree(k, mantissa_bits=cfg.mantissa_bits,
                           levels_per_stage=cfg.tree_levels_per_stage,
                           product_stages=cfg.product_stages, split=cfg.lane_split(o))
-            aln = Aligner(in_width=tree_shape(cfg).width, max_shift=cfg.align_span)
+            aln = Aligner(in_width=tree_shape(cfg).width, max_shift=cfg.align_span,
+                          stages=ALIGN_STAGES)
             acc = Accumulator(in_width=aligned_shape(cfg).width, acc_bits=acc_shape(cfg).width)
             rq_acc = Requantizer(fmt, in_width=cfg.acc_bits, shift_bits=cfg.shift_bits)
             rq_res = Requantizer(fmt, in_width=cfg.mantissa_bits, shift_bits=cfg.shift_bits)
