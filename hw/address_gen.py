@@ -59,10 +59,12 @@ class AddressGen(wiring.Component):
     to a coordinate, or selects among registers. The weight address runs
     ``((t*kh + ky)*kw + kx)*CW + cw``, i.e. +1 per step, back to 0 at each new pixel.
 
-    Two stages: the loop counters and their flags decide each step's kind (next word, next
-    tile, next pixel, next row) into a one-hot register; one cycle later the activation-address
-    registers apply it (an addition or a select, controlled by those four flip-flops only).
-    The token and the weight address are registered once to stay aligned with them.
+    Two stages: the loop counters and their flags decide each step's kind (next word, next kx,
+    next ky, next tile, next pixel, next row) into a one-hot register; one cycle later the
+    activation-address and input-coordinate registers (``ix``, ``iy`` and the pixel / row
+    origins) apply it (an addition or a select, controlled by those flip-flops only). The
+    token and the weight address are registered once to stay aligned with them; the token's
+    padding flag is decoded from the stage-2 coordinates.
 
     Parameters
     ----------
@@ -205,28 +207,46 @@ class AddressGen(wiring.Component):
             register so no flag decode sits in front of the address adder."""
             return Mux(ky_step, row_skip, 1)
 
-        # stage 2: the activation-address registers follow the registered step kind
-        k_inc, k_tile, k_ox, k_oy = (Signal(name=f"kind_{n}") for n in ("inc", "tile", "ox", "oy"))
+        # stage 2: the activation-address and input-coordinate registers follow the registered
+        # step kind (one-hot: next word / next kx / next ky / next tile / next pixel / next row)
+        k_inc, k_kx, k_ky, k_tile, k_ox, k_oy = (
+            Signal(name=f"kind_{n}") for n in ("inc", "kx", "ky", "tile", "ox", "oy"))
         a_inc_r = Signal(aw)
         token = Signal.like(self.token)
-        m.d.sync += [self.token.eq(token), self.wgt_addr.eq(w_addr), a_inc_r.eq(a_inc),
-                     k_inc.eq(run & ~last), k_tile.eq(run & last & ~tile_end),
+        token_r = Signal.like(self.token)
+        m.d.sync += [token_r.eq(token), self.wgt_addr.eq(w_addr), a_inc_r.eq(a_inc),
+                     k_inc.eq(run & ~last),
+                     k_kx.eq(run & ~last & last_cw & ~last_kx),
+                     k_ky.eq(run & ~last & last_cw & last_kx),
+                     k_tile.eq(run & last & ~tile_end),
                      k_ox.eq(run & last & tile_end & ~last_ox),
                      k_oy.eq(run & last & tile_end & last_ox & ~last_oy)]
         with m.If(k_inc):
             m.d.sync += a_addr.eq(a_addr + a_inc_r)
+        with m.If(k_kx):
+            m.d.sync += ix.eq(ix + 1)
+        with m.If(k_ky):
+            m.d.sync += [ix.eq(ix_pix), iy.eq(iy + 1)]
         with m.If(k_tile):
-            m.d.sync += a_addr.eq(pix_addr)
+            m.d.sync += [a_addr.eq(pix_addr), ix.eq(ix_pix), iy.eq(iy_row)]
         with m.If(k_ox):
             m.d.sync += [pix_addr.eq(pix_next), a_addr.eq(pix_next),
-                         pix_next.eq(pix_next + pix_step)]
+                         pix_next.eq(pix_next + pix_step),
+                         ix_pix.eq(ix_pix_next), ix.eq(ix_pix_next),
+                         ix_pix_next.eq(ix_pix_next + d.stride), iy.eq(iy_row)]
         with m.If(k_oy):
             m.d.sync += [pix_addr.eq(row_next), a_addr.eq(row_next),
-                         row_next.eq(row_next + row_step), pix_next.eq(row_next + pix_step)]
+                         row_next.eq(row_next + row_step), pix_next.eq(row_next + pix_step),
+                         ix_pix.eq(neg_pad), ix.eq(neg_pad), ix_pix_next.eq(neg_pad_next),
+                         iy_row.eq(iy_row_next), iy.eq(iy_row_next),
+                         iy_row_next.eq(iy_row_next + d.stride)]
 
+        # the token is registered once; its padding flag is decoded from the stage-2
+        # coordinates, which describe the same step
         m.d.comb += [
+            self.token.eq(token_r),
+            self.token.pad.eq((iy < 0) | (iy >= d.height) | (ix < 0) | (ix >= d.width)),
             self.act_addr.eq(a_addr),
-            token.pad.eq((iy < 0) | (iy >= d.height) | (ix < 0) | (ix >= d.width)),
             token.first.eq(first),
             token.last.eq(last),
             token.final.eq(tile_end & last_ox & last_oy),
@@ -309,14 +329,13 @@ class AddressGen(wiring.Component):
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Elif(~last_kx):
                     new_last = max_z["cw"] & pen_f["kx"] & last_ky
-                    m.d.sync += [*wrap("cw"), *incr("kx"), ix.eq(ix + 1),
+                    m.d.sync += [*wrap("cw"), *incr("kx"),
                                  al_addr.eq(al_base),
                                  a_inc.eq(inc_for(max_z["cw"] & pen_f["kx"])),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Else():
                     new_last = max_z["cw"] & max_z["kx"] & pen_f["ky"]
-                    m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), ix.eq(ix_pix),
-                                 iy.eq(iy + 1), al_addr.eq(al_base),
+                    m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), al_addr.eq(al_base),
                                  a_inc.eq(inc_for(max_z["cw"] & max_z["kx"])),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
             with m.Else():
@@ -325,7 +344,7 @@ class AddressGen(wiring.Component):
                              o_addr.eq(o_addr + 1), last.eq(kernel_z),
                              a_inc.eq(inc_for(max_z["cw"] & max_z["kx"]))]
                 with m.If(~tile_end):
-                    m.d.sync += [*incr("t"), ix.eq(ix_pix), iy.eq(iy_row),
+                    m.d.sync += [*incr("t"),
                                  al_base.eq(al_base + d.in_words),
                                  al_addr.eq(al_base + d.in_words),
                                  tile_end.eq(kernel_z & pen_f["t"])]
@@ -333,14 +352,9 @@ class AddressGen(wiring.Component):
                     m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
                                  tile_end.eq(kernel_z & max_z["t"])]
                     with m.If(~last_ox):
-                        m.d.sync += [*incr("ox"), ix_pix.eq(ix_pix_next), ix.eq(ix_pix_next),
-                                     ix_pix_next.eq(ix_pix_next + d.stride), iy.eq(iy_row)]
+                        m.d.sync += incr("ox")
                     with m.Elif(~last_oy):
-                        m.d.sync += [*wrap("ox"), *incr("oy"),
-                                     ix_pix.eq(neg_pad), ix.eq(neg_pad),
-                                     ix_pix_next.eq(neg_pad_next),
-                                     iy_row.eq(iy_row_next), iy.eq(iy_row_next),
-                                     iy_row_next.eq(iy_row_next + d.stride)]
+                        m.d.sync += [*wrap("ox"), *incr("oy")]
                     with m.Else():
                         m.d.sync += run.eq(0)
         return m
