@@ -552,10 +552,8 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
     pnr = None
     outreg = dspregs = None
     overflow = require_dsp_fit and cells.get("MULT18X18D", 0) > device.dsps
-    if overflow:
-        return {"ok": False, "runs": runs, "yosys_cells": cells, "pnr": None, "notes": notes,
-                "bram_outreg": None, "dsp_regs": None, "dsp_overflow": True}
-    if ys.ok and (work / "synth.json").exists() and (opts.bram_outreg or opts.dsp_regs):
+    placeable = ys.ok and not overflow and (work / "synth.json").exists()
+    if placeable and (opts.bram_outreg or opts.dsp_regs):
         netlist = json.loads((work / "synth.json").read_text())
         if top in netlist.get("modules", {}):
             if opts.bram_outreg:
@@ -572,7 +570,7 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
                                  f"{dspregs['flip_flops_removed']} fabric flip-flops absorbed "
                                  "(gen/dsp_regs.py)")
             (work / "synth.json").write_text(json.dumps(netlist))
-    if ys.ok and (work / "synth.json").exists():
+    if placeable:
         args = [*device.nextpnr_args, "--speed", str(opts.speed), "--out-of-context",
                 "--freq", f"{opts.freq_mhz:g}", "--json", "synth.json", "--report", "report.json",
                 "--timing-allow-fail", "--seed", str(opts.seed), "-l", "nextpnr.log", "-q"]
@@ -593,7 +591,7 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
     ok = bool(runs) and runs[-1].tool.endswith("nextpnr-ecp5") and runs[-1].ok \
         and runs[-2].ok and bool(pnr and pnr["fmax"])
     return {"ok": ok, "runs": runs, "yosys_cells": cells, "pnr": pnr, "notes": notes,
-            "bram_outreg": outreg, "dsp_regs": dspregs, "dsp_overflow": False}
+            "bram_outreg": outreg, "dsp_regs": dspregs, "dsp_overflow": overflow}
 
 
 def _tool_times(runs: Sequence[ToolRun]) -> dict[str, float]:
@@ -674,16 +672,7 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
                                                         "flip_flops_removed")}),
             "work_dir": str(work),
         }
-        # a design that does not fit is a property of the netlist, like a result: cached too
-        # (tool crashes and time-outs are not)
-        over = [] if r["ok"] else _overflowing_cells(r["runs"], work / "nextpnr.log")
-        res["does_not_fit"] = bool(over)
-        if over:
-            res["notes"].append(f"does not fit the {device.name}: {', '.join(over)}")
-        if cache is not None and (r["ok"] or res["does_not_fit"]):
-            cache.mkdir(parents=True, exist_ok=True)
-            (cache / "result.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-        return res
+        return _record(res, r["runs"], work, device, cache)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -814,18 +803,25 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
                "critical_path": pnr.get("critical_path"),
                "times_s": _tool_times(runs), "runs": [t.to_dict() for t in runs],
                "notes": notes}
-        # a design that does not fit is a property of the netlist, like a result: cached too
-        # (tool crashes and time-outs are not)
-        over = [] if r["ok"] else _overflowing_cells(runs, work / "nextpnr.log")
-        res["does_not_fit"] = bool(over)
-        if over:
-            notes.append(f"does not fit the {device.name}: {', '.join(over)}")
-        if cache is not None and (r["ok"] or res["does_not_fit"]):
-            cache.mkdir(parents=True, exist_ok=True)
-            (cache / "result.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-        return res
+        return _record(res, runs, work, device, cache)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record(res: dict[str, Any], runs: Sequence[ToolRun], work: Path, device: Device,
+            cache: Path | None) -> dict[str, Any]:
+    """Mark a failed flow result ``does_not_fit`` (with a note naming the overfull cell types)
+    when nextpnr failed on a design larger than ``device``, and cache it when it succeeded or
+    does not fit: both are properties of the netlist (tool crashes and time-outs are not).
+    Returns ``res``."""
+    over = [] if res["ok"] else _overflowing_cells(runs, work / "nextpnr.log")
+    res["does_not_fit"] = bool(over)
+    if over:
+        res["notes"].append(f"does not fit the {device.name}: {', '.join(over)}")
+    if cache is not None and (res["ok"] or over):
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "result.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    return res
 
 
 #: a utilisation line of nextpnr's log: ``Info:  TRELLIS_COMB:   96587/  83640   115%``
