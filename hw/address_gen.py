@@ -163,7 +163,7 @@ class AddressGen(wiring.Component):
         iy = Signal(pos_w)       # iy_row + ky
         ix = Signal(pos_w)       # ix_pix + kx
         a_addr = Signal(aw)      # (iy*W + ix)*CW + cw
-        a_inc = Signal(aw)       # next step's a_addr increment: row_skip if last_cw & last_kx else 1
+        row_inc = Signal()       # next step's a_addr increment is row_skip (last_cw & last_kx), else 1
         origin = Signal(aw)      # -(pad*W + pad)*CW: kernel origin of the first pixel
         pix_addr = Signal(aw)    # kernel origin of this pixel
         pix_next = Signal(aw)    # pix_addr + pix_step, kept one step ahead
@@ -203,9 +203,11 @@ class AddressGen(wiring.Component):
         last = Signal()
 
         def inc_for(ky_step):
-            """a_inc for the flags last_cw & last_kx = ``ky_step`` after this cycle: kept as a
-            register so no flag decode sits in front of the address adder."""
-            return Mux(ky_step, row_skip, 1)
+            """``row_inc`` for the flags last_cw & last_kx = ``ky_step`` after this cycle: one
+            flip-flop (the step decode drives one bit, not an address-wide mux), turned into
+            the increment by a 2:1 select of registers into ``a_inc_r``, so no flag decode
+            sits in front of the address adder."""
+            return row_inc.eq(ky_step)
 
         # stage 2: the activation-address and input-coordinate registers follow the registered
         # step kind (one-hot: next word / next kx / next ky / next tile / next pixel / next row)
@@ -214,7 +216,8 @@ class AddressGen(wiring.Component):
         a_inc_r = Signal(aw)
         token = Signal.like(self.token)
         token_r = Signal.like(self.token)
-        m.d.sync += [token_r.eq(token), self.wgt_addr.eq(w_addr), a_inc_r.eq(a_inc),
+        m.d.sync += [token_r.eq(token), self.wgt_addr.eq(w_addr),
+                     a_inc_r.eq(Mux(row_inc, row_skip, 1)),
                      k_inc.eq(run & ~last),
                      k_kx.eq(run & ~last & last_cw & ~last_kx),
                      k_ky.eq(run & ~last & last_cw & last_kx),
@@ -299,7 +302,7 @@ class AddressGen(wiring.Component):
                 ]
                 m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
                 m.d.sync += [pen_f[n].eq(max_one[n]) for n in counters]
-                m.d.sync += a_inc.eq(inc_for(max_z["cw"] & max_z["kx"]))
+                m.d.sync += inc_for(max_z["cw"] & max_z["kx"])
                 m.d.sync += [last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"]),
                              tile_end.eq(max_z["cw"] & max_z["kx"] & max_z["ky"] & max_z["t"])]
                 m.next = "SETUP6"
@@ -325,24 +328,24 @@ class AddressGen(wiring.Component):
                 with m.If(~last_cw):
                     new_last = pen_f["cw"] & last_kx & last_ky
                     m.d.sync += [*incr("cw"), al_addr.eq(al_addr + 1),
-                                 a_inc.eq(inc_for(pen_f["cw"] & last_kx)),
+                                 inc_for(pen_f["cw"] & last_kx),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Elif(~last_kx):
                     new_last = max_z["cw"] & pen_f["kx"] & last_ky
                     m.d.sync += [*wrap("cw"), *incr("kx"),
                                  al_addr.eq(al_base),
-                                 a_inc.eq(inc_for(max_z["cw"] & pen_f["kx"])),
+                                 inc_for(max_z["cw"] & pen_f["kx"]),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Else():
                     new_last = max_z["cw"] & max_z["kx"] & pen_f["ky"]
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), al_addr.eq(al_base),
-                                 a_inc.eq(inc_for(max_z["cw"] & max_z["kx"])),
+                                 inc_for(max_z["cw"] & max_z["kx"]),
                                  last.eq(new_last), tile_end.eq(new_last & last_t)]
             with m.Else():
                 kernel_z = max_z["cw"] & max_z["kx"] & max_z["ky"]
                 m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
                              o_addr.eq(o_addr + 1), last.eq(kernel_z),
-                             a_inc.eq(inc_for(max_z["cw"] & max_z["kx"]))]
+                             inc_for(max_z["cw"] & max_z["kx"])]
                 with m.If(~tile_end):
                     m.d.sync += [*incr("t"),
                                  al_base.eq(al_base + d.in_words),
