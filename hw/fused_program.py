@@ -22,6 +22,7 @@ from dynacc.quant.fusion_golden import (FusedBlock, accumulator_bounds, fused_bl
 
 from .fused_config import TAPS, FusedConfig
 from .fused_engine import LEVELS, RES_SHIFT_BITS
+from .requantizer import Requantizer
 
 __all__ = ["FusedLayer", "FusedProgram", "FusedGolden", "fused_cycles", "fused_geometry",
            "fusion_network_cycles", "dense_block_cycles"]
@@ -77,11 +78,15 @@ def fused_geometry(blk: FusedBlock, h: int, w: int, cfg: FusedConfig) -> dict[st
             "tiles_g": tiles_g, "tiles": g * tiles_g}
 
 
+#: phase-3 cycles of a tile beside its taps: OUT, the requantizer's latency, STORE, next tile
+TILE_CYCLES = 2 + Requantizer.LATENCY
+
+
 def fused_cycles(geo: dict[str, int], stride: int, s1: np.ndarray, s2: np.ndarray,
                  chunk: int) -> int:
     """Exact engine cycles of one run (``s1 [mid, H, W]``, ``s2 [mid, Ho, Wo]`` as the
     engine computes them): phase 1 ``H·W·chunks + 1``, phase 2 ``Ho·Wo·chunks·9 + 1``, phase 3
-    per output pixel ``1 +`` per tile ``7 +`` per tap: 1 at a padding tap, else
+    per output pixel ``1 +`` per tile ``TILE_CYCLES +`` per tap: 1 at a padding tap, else
     ``3 + Σ_chunks (1 + max(1, survivors))`` (survivors: ``s2[p] & s1[p+k]``, ``s2[p]`` at the
     V tap)."""
     h, w, ho, wo = geo["h"], geo["w"], geo["ho"], geo["wo"]
@@ -106,7 +111,7 @@ def fused_cycles(geo: dict[str, int], stride: int, s1: np.ndarray, s2: np.ndarra
             per_group += np.where(inside[None], cost, 1)
     surv = s2g.reshape(g, cg, chunk, ho, wo).sum(2)
     per_group += 3 + (1 + np.maximum(surv, 1)).sum(1)            # the V tap
-    total += ho * wo + int((per_group + 7).sum()) * geo["tiles_g"]
+    total += ho * wo + int((per_group + TILE_CYCLES).sum()) * geo["tiles_g"]
     return int(total)
 
 

@@ -34,7 +34,11 @@ class MacTree(wiring.Component):
     ``x * d_i`` (a select between 0, x, 2x and a negation: one LUT level and an (M+2)-bit
     carry chain), stage 3 their pairwise sums ``pp_2j + 4 pp_2j+1``, stage 4 the rest of the
     sum (one adder for M <= 8). Without ``split`` it is one multiplier (a DSP block) followed by
-    ``product_stages - 1`` fabric registers, so split and unsplit trees have the same latency.
+    ``product_stages - 1`` fabric registers, so split and unsplit trees have the same latency;
+    with ``product_stages >= 2`` the first of those stages is a second operand register right
+    before the multiplier (the DSP block's input registers after ``gen/dsp_regs.py``), so the
+    activation word reaches the DSP blocks in two register hops (shared word → per-tree copy
+    in the fabric → block), not in one route across the die to every block.
 
     Parameters
     ----------
@@ -100,6 +104,19 @@ class MacTree(wiring.Component):
             p = Signal(signed(2 * self._mbits), name=f"prod{c}", reset_less=True)
             if self._split:
                 self._booth(m, c, x_op[c], w_op[c], p)
+            elif self._pst >= 2:
+                # operands registered a second time right before the multiplier (the DSP
+                # block's input registers), taking one of the product stages: the per-tree
+                # copy x_op stays a fabric flip-flop between the shared word and the block
+                xa = Signal(signed(self._mbits), name=f"mul{c}_x", reset_less=True)
+                wa = Signal(signed(self._mbits), name=f"mul{c}_w", reset_less=True)
+                m.d.sync += [xa.eq(x_op[c]), wa.eq(w_op[c])]
+                prev = xa * wa
+                for s in range(2, self._pst):
+                    r = Signal(signed(2 * self._mbits), name=f"prod{c}_{s}", reset_less=True)
+                    m.d.sync += r.eq(prev)
+                    prev = r
+                m.d.sync += p.eq(prev)
             else:
                 prev = x_op[c] * w_op[c]
                 for s in range(1, self._pst):

@@ -22,11 +22,14 @@ class Requantizer(wiring.Component):
     ``[1, in_width]``. ``shift <= 0``: exact left shift; any non-zero input shifted by
     ``M - 1`` or more saturates, so the left shifter only spans ``[0, M - 1]``.
 
-    Five registered stages, each a few LUT levels deep: (1) the input and the decoded shift
+    Six registered stages, each a few LUT levels deep: (1) the input and the decoded shift
     amount ``r1 = min(shift, in_width) - 1 = hi*G + lo`` (G = :attr:`GRANULE`); (2) the coarse
     right shift by ``hi*G`` with the sticky OR of the dropped whole chunks, and the left
     shift; (3) the fine right shift by ``lo``, the rest of the sticky bit and the round-up
-    bit; (4) the rounding add (or the left-shifted value); (5) the saturation.
+    bit; (4) the rounding add (or the left-shifted value); (5) the saturation tests on 4-bit
+    slices of the bits above the mantissa; (6) their reduction and the saturating select.
+    Stage 6 was split off stage 5 because the full-width OR/AND trees plus the select were the
+    critical path of the 16×16 engine on the ECP5 (133.5 MHz).
 
     Parameters
     ----------
@@ -41,11 +44,13 @@ class Requantizer(wiring.Component):
     -------
     i : In(signed(in_width))
     shift : In(signed(shift_bits))
-    o : Out(signed(M)), latency 5.
+    o : Out(signed(M)), latency 6.
     """
 
     #: pipeline registers between input and output
-    LATENCY = 5
+    LATENCY = 6
+    #: bits per slice of the stage-5 saturation tests (one LUT4 each)
+    SLICE = 4
     #: bits per step of the coarse right shift (a G:1 mux remains for the fine step)
     GRANULE = 8
 
@@ -143,17 +148,28 @@ class Requantizer(wiring.Component):
         v = Signal(signed(max(w + 1, w + max_left) + 1))
         m.d.sync += v.eq(Mux(pos3, q3 + up3, shl3))
 
-        # stage 5: saturate; the bounds are tested bitwise (OR / AND trees over the bits
-        # above the mantissa), not with full-width comparators
+        # stage 5: partial saturation tests, LUT4-sized: OR and AND of each 4-bit slice of the
+        # bits above the mantissa (to fit they must all be copies of the sign bit), and the OR
+        # of the bits below the mantissa's sign
         n = len(v)
-        sign = v[n - 1]
-        upper = v[mb - 1:n - 1]          # must be all copies of the sign bit to fit
-        over = ~sign & upper.any()                              # v >= 2**(M-1)
-        under = sign & ~(upper.all() & v[:mb - 1].any())        # v <= -2**(M-1)
+        upper = v[mb - 1:n - 1]
+        slices = [upper[j:j + self.SLICE] for j in range(0, len(upper), self.SLICE)]
+        any5 = Signal(len(slices))
+        all5 = Signal(len(slices))
+        low5 = Signal()
+        sign5 = Signal()
+        v5 = Signal(signed(mb))
+        m.d.sync += [any5.eq(Cat(*(sl.any() for sl in slices))),
+                     all5.eq(Cat(*(sl.all() for sl in slices))),
+                     low5.eq(v[:mb - 1].any()), sign5.eq(v[n - 1]), v5.eq(v[:mb])]
+
+        # stage 6: saturate from the partial tests
+        over = ~sign5 & any5.any()                        # v >= 2**(M-1)
+        under = sign5 & ~(all5.all() & low5)              # v <= -2**(M-1)
         with m.If(over):
             m.d.sync += self.o.eq(max_m)
         with m.Elif(under):
             m.d.sync += self.o.eq(-max_m)
         with m.Else():
-            m.d.sync += self.o.eq(v)
+            m.d.sync += self.o.eq(v5)
         return m

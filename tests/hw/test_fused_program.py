@@ -75,11 +75,11 @@ def test_cycle_model_hand_counts():
     p1 = 9 * 2 + 1
     p2 = 9 * 2 * 9 + 1
     # all off: per tile, an in-image tap (or the V tap) is 3 + (1 + 1) = 5 cycles, a padding
-    # tap 1; per tile + 7, per pixel + 1
+    # tap 1; per tile + 8 (2 + the requantizer's 6 stages), per pixel + 1
     taps_in = sum(sum(0 <= y + dy < 3 and 0 <= x + dx < 3 for dy in (-1, 0, 1)
                       for dx in (-1, 0, 1)) for y in range(3) for x in range(3))
     per_tile_taps = taps_in * 5 + (81 - taps_in) + 9 * 5
-    expect = p1 + p2 + 9 + 2 * (per_tile_taps + 9 * 7)
+    expect = p1 + p2 + 9 + 2 * (per_tile_taps + 9 * 8)
     assert fused_cycles(geo, 1, s1, s2, CFG.chunk) == expect
     # one surviving mid at the centre pixel for the centre and V taps of group 0: + 0 each
     # (max(1, 1) = 1); a second one adds one cycle per tap

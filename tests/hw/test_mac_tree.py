@@ -25,7 +25,7 @@ def test_dot_product(pipeline, lanes, mbits, lps):
 
 
 @pytest.mark.parametrize("lanes, mbits, lps, stages, split", [
-    (16, 8, 2, 4, True), (16, 8, 1, 4, True), (4, 8, 2, 4, False), (4, 8, 1, 3, False),
+    (16, 8, 2, 4, True), (16, 8, 1, 4, True), (4, 8, 2, 4, False), (4, 8, 1, 3, False), (3, 8, 1, 2, False),
     (5, 7, 1, 4, True), (3, 2, 1, 4, True), (2, 5, 1, 4, True), (2, 16, 1, 4, True)])
 def test_multi_stage_products(pipeline, lanes, mbits, lps, stages, split):
     """product_stages > 1, split (Booth LUT multipliers, odd and even M) or not: same exact
@@ -45,6 +45,18 @@ def test_multi_stage_products(pipeline, lanes, mbits, lps, stages, split):
     assert dut.latency == mac_tree_latency(lanes, lps, stages)
     for (x, w), r in zip(vecs, out):
         assert r["o"] == sum(a * b for a, b in zip(x, w)), (x, w)
+
+
+def test_dsp_products_register_their_operands_twice():
+    """A DSP product with product_stages >= 2 has a second operand register right before the
+    multiplier (the block's input registers), fed by the per-tree copy x_op: the shared word
+    reaches the blocks in two register hops. With one stage the copy feeds the multiplier."""
+    from amaranth.back import rtlil
+
+    text = rtlil.convert(MacTree(2, mantissa_bits=8, levels_per_stage=1, product_stages=4))
+    assert "mul0_x" in text and "mul1_w" in text and "x_op" in text
+    text = rtlil.convert(MacTree(2, mantissa_bits=8, levels_per_stage=1, product_stages=1))
+    assert "mul0_x" not in text
 
 
 def test_latency_formula():
