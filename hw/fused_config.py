@@ -49,10 +49,12 @@ class FusedConfig:
     channels: int = 32
     #: mid channels per mask word (the scanner skips a whole empty chunk in two cycles)
     chunk: int = 16
-    #: width of one precomputed fused weight T, U or V
-    t_bits: int = 32
+    #: width of one precomputed fused weight T, U or V (32 bits were too few for some digits
+    #: FusioNet trainings: a projection weight block 15 exponents below its layer's largest,
+    #: aligned by the full align span, took |T| to 2**34)
+    t_bits: int = 38
     #: width of one A accumulator (a masked sum of T over the mids of a group)
-    a_bits: int = 40
+    a_bits: int = 44
     #: width of the block accumulator y (rule F7's bound must fit)
     acc_bits: int = 48
     #: width of the predictor thresholds (rules F3, F4)

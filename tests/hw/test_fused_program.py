@@ -30,7 +30,7 @@ def test_refuses_blocks_that_do_not_fit():
     with pytest.raises(ValueError, match="'too_many_inputs'.*C_in/G = 16 > group_in 8"):
         FusedProgram(layer, CFG)
     blk = random_fused_block(8, 8, 32, 2, 1, seed=32, density=1.0, shift_max=20)
-    with pytest.raises(ValueError, match="'overflow'.*need more than t_bits 32"):
+    with pytest.raises(ValueError, match="'overflow'.*need more than t_bits 38"):
         FusedProgram(FusedLayer("overflow", blk, np.zeros((8, 3, 3)), 0), CFG)
     big = random_fused_layer("big_map", 8, 8, 32, 2, 1, (17, 16), seed=33)
     with pytest.raises(ValueError, match="'big_map'.*act_depth 256"):
