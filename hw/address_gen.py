@@ -171,13 +171,6 @@ class AddressGen(wiring.Component):
         w_addr = Signal.like(self.wgt_addr)
         al_base = Signal.like(self.wgt_addr)   # t*CW
         al_addr = Signal.like(self.wgt_addr)   # t*CW + cw
-        al_next = Signal.like(self.wgt_addr)   # (t+1)*CW, kept one tile ahead
-        # local copies of the descriptor fields the step loop reads (loaded in SETUP1): the
-        # loop's adders and compares start at flip-flops placed beside them, not at the
-        # descriptor register that every unit reads
-        in_words, stride, height, width = (
-            Signal.like(getattr(d, f), name=f"{f}_l") for f in ("in_words", "stride", "height",
-                                                               "width"))
         o_addr = Signal(unsigned(addr_width(cfg.out_depth)))
         first = Signal()         # cw == kx == ky == 0
         run = Signal()           # issuing steps (the FSM's RUN state, as one flip-flop)
@@ -243,19 +236,19 @@ class AddressGen(wiring.Component):
             m.d.sync += [pix_addr.eq(pix_next), a_addr.eq(pix_next),
                          pix_next.eq(pix_next + pix_step),
                          ix_pix.eq(ix_pix_next), ix.eq(ix_pix_next),
-                         ix_pix_next.eq(ix_pix_next + stride), iy.eq(iy_row)]
+                         ix_pix_next.eq(ix_pix_next + d.stride), iy.eq(iy_row)]
         with m.If(k_oy):
             m.d.sync += [pix_addr.eq(row_next), a_addr.eq(row_next),
                          row_next.eq(row_next + row_step), pix_next.eq(row_next + pix_step),
                          ix_pix.eq(neg_pad), ix.eq(neg_pad), ix_pix_next.eq(neg_pad_next),
                          iy_row.eq(iy_row_next), iy.eq(iy_row_next),
-                         iy_row_next.eq(iy_row_next + stride)]
+                         iy_row_next.eq(iy_row_next + d.stride)]
 
         # the token is registered once; its padding flag is decoded from the stage-2
         # coordinates, which describe the same step
         m.d.comb += [
             self.token.eq(token_r),
-            self.token.pad.eq((iy < 0) | (iy >= height) | (ix < 0) | (ix >= width)),
+            self.token.pad.eq((iy < 0) | (iy >= d.height) | (ix < 0) | (ix >= d.width)),
             self.act_addr.eq(a_addr),
             token.first.eq(first),
             token.last.eq(last),
@@ -275,8 +268,7 @@ class AddressGen(wiring.Component):
                 m.d.sync += [*wcw_1, *kwcw_1, *pix_1, *pcw_1]
                 m.d.sync += [
                     neg_pad.eq(-d.pad), neg_pad_next.eq(d.stride - d.pad),
-                    cw_max.eq(d.in_words - 1), in_words.eq(d.in_words),
-                    stride.eq(d.stride), height.eq(d.height), width.eq(d.width),
+                    cw_max.eq(d.in_words - 1),
                     kx_max.eq(d.kernel_w - 1),
                     ky_max.eq(d.kernel_h - 1),
                     t_max.eq(d.out_tiles - 1),
@@ -306,8 +298,7 @@ class AddressGen(wiring.Component):
                     oy.eq(0), ox.eq(0), t.eq(0), ky.eq(0), kx.eq(0), cw.eq(0), first.eq(1),
                     iy_row.eq(neg_pad), ix_pix.eq(neg_pad), iy.eq(neg_pad), ix.eq(neg_pad),
                     iy_row_next.eq(neg_pad_next), ix_pix_next.eq(neg_pad_next),
-                    w_addr.eq(0), al_base.eq(0), al_addr.eq(0), al_next.eq(in_words),
-                    o_addr.eq(0),
+                    w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
                 ]
                 m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
                 m.d.sync += [pen_f[n].eq(max_one[n]) for n in counters]
@@ -357,12 +348,11 @@ class AddressGen(wiring.Component):
                              inc_for(max_z["cw"] & max_z["kx"])]
                 with m.If(~tile_end):
                     m.d.sync += [*incr("t"),
-                                 al_base.eq(al_next), al_addr.eq(al_next),
-                                 al_next.eq(al_next + in_words),
+                                 al_base.eq(al_base + d.in_words),
+                                 al_addr.eq(al_base + d.in_words),
                                  tile_end.eq(kernel_z & pen_f["t"])]
                 with m.Else():
-                    m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), al_next.eq(in_words),
-                                 w_addr.eq(0),
+                    m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
                                  tile_end.eq(kernel_z & max_z["t"])]
                     with m.If(~last_ox):
                         m.d.sync += incr("ox")
