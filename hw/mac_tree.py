@@ -104,22 +104,18 @@ class MacTree(wiring.Component):
             p = Signal(signed(2 * self._mbits), name=f"prod{c}", reset_less=True)
             if self._split:
                 self._booth(m, c, x_op[c], w_op[c], p)
-            elif self._pst >= 2:
-                # operands registered a second time right before the multiplier (the DSP
-                # block's input registers), taking one of the product stages: the per-tree
-                # copy x_op stays a fabric flip-flop between the shared word and the block
-                xa = Signal(signed(self._mbits), name=f"mul{c}_x", reset_less=True)
-                wa = Signal(signed(self._mbits), name=f"mul{c}_w", reset_less=True)
-                m.d.sync += [xa.eq(x_op[c]), wa.eq(w_op[c])]
-                prev = xa * wa
-                for s in range(2, self._pst):
-                    r = Signal(signed(2 * self._mbits), name=f"prod{c}_{s}", reset_less=True)
-                    m.d.sync += r.eq(prev)
-                    prev = r
-                m.d.sync += p.eq(prev)
             else:
-                prev = x_op[c] * w_op[c]
-                for s in range(1, self._pst):
+                xa, wa, first = x_op[c], w_op[c], 1
+                if self._pst >= 2:
+                    # operands registered a second time right before the multiplier (the DSP
+                    # block's input registers), taking one of the product stages: the per-tree
+                    # copy x_op stays a fabric flip-flop between the shared word and the block
+                    xa = Signal(signed(self._mbits), name=f"mul{c}_x", reset_less=True)
+                    wa = Signal(signed(self._mbits), name=f"mul{c}_w", reset_less=True)
+                    m.d.sync += [xa.eq(x_op[c]), wa.eq(w_op[c])]
+                    first = 2
+                prev = xa * wa
+                for s in range(first, self._pst):
                     r = Signal(signed(2 * self._mbits), name=f"prod{c}_{s}", reset_less=True)
                     m.d.sync += r.eq(prev)
                     prev = r

@@ -25,8 +25,8 @@ def test_dot_product(pipeline, lanes, mbits, lps):
 
 
 @pytest.mark.parametrize("lanes, mbits, lps, stages, split", [
-    (16, 8, 2, 4, True), (16, 8, 1, 4, True), (4, 8, 2, 4, False), (4, 8, 1, 3, False), (3, 8, 1, 2, False),
-    (5, 7, 1, 4, True), (3, 2, 1, 4, True), (2, 5, 1, 4, True), (2, 16, 1, 4, True)])
+    (16, 8, 2, 4, True), (16, 8, 1, 4, True), (4, 8, 2, 4, False), (4, 8, 1, 3, False),
+    (3, 8, 1, 2, False), (5, 7, 1, 4, True), (3, 2, 1, 4, True), (2, 5, 1, 4, True), (2, 16, 1, 4, True)])
 def test_multi_stage_products(pipeline, lanes, mbits, lps, stages, split):
     """product_stages > 1, split (Booth LUT multipliers, odd and even M) or not: same exact
     sums, full range including the most negative mantissa."""
