@@ -347,9 +347,11 @@ class AddressGen(wiring.Component):
                              o_addr.eq(o_addr + 1), last.eq(kernel_z),
                              inc_for(max_z["cw"] & max_z["kx"])]
                 with m.If(~tile_end):
+                    # the last step of a tile has cw = CW - 1, so the next tile's base
+                    # t*CW + CW is al_addr + 1: no descriptor operand on this adder
                     m.d.sync += [*incr("t"),
-                                 al_base.eq(al_base + d.in_words),
-                                 al_addr.eq(al_base + d.in_words),
+                                 al_base.eq(al_addr + 1),
+                                 al_addr.eq(al_addr + 1),
                                  tile_end.eq(kernel_z & pen_f["t"])]
                 with m.Else():
                     m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
