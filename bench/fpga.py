@@ -44,7 +44,7 @@ def _row(cfg_path: str, r: dict) -> dict:
         "engine": r.get("engine", "conv"),
         "config": cfg_path, "ok": r["ok"], "device": r["device"], "memories": r["memories"],
         "dsp_lanes": r.get("dsp_lanes"), "freq_target_mhz": r["freq_target_mhz"],
-        "speed_grade": r.get("speed_grade"), "timing_met": r["timing_met"],
+        "speed_grade": r.get("speed_grade"), "seed": r.get("seed"), "timing_met": r["timing_met"],
         "yosys_s": r["times_s"].get("yosys"), "nextpnr_s": r["times_s"].get("nextpnr-ecp5"),
         "cached": r.get("cached", False), "does_not_fit": r.get("does_not_fit", False),
         "critical_path": (r.get("critical_path") or {}).get("components"),
@@ -92,10 +92,12 @@ def main() -> int:
                    help="also time each engine component of the last config between registers")
     p.add_argument("--datapaths", default=",".join(DATAPATHS),
                    help="other datapaths after the conv engine sizes, or 'none' (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="nextpnr placement seed (default: %(default)s); Fmax moves with it")
     p.add_argument("--no-cache", action="store_true")
     args = p.parse_args()
     opts = FpgaOptions(device=args.device, freq_mhz=args.freq, memories=args.memories,
-                       speed=args.speed, timeout_s=args.timeout,
+                       speed=args.speed, timeout_s=args.timeout, seed=args.seed,
                        cache_dir=None if args.no_cache else ROOT / "build/cache/fpga")
     t0 = time.perf_counter()
     rows: list[dict] = []

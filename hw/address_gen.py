@@ -181,21 +181,28 @@ class AddressGen(wiring.Component):
         # loop decisions below are flip-flop outputs, not comparator chains.
         counters = {"cw": (cw, cw_max), "kx": (kx, kx_max), "ky": (ky, ky_max),
                     "t": (t, t_max), "ox": (ox, ox_max), "oy": (oy, oy_max)}
-        # Likewise pen_c = (c == c_max - 1), updated from "c == c_max - 2" or "c_max == 1", so
-        # the "is last after this step" inputs of the flag updates are flip-flops too.
+        # Likewise pen_c = (c == c_max - 1), so the "is last after this step" inputs of the flag
+        # updates are flip-flops too. pen_c is updated from "c == c_max - 2" or "c_max == 1";
+        # that comparison is a flip-flop as well: a down-counter down_c = c_max - 3 - c runs
+        # beside c, and c == c_max - 2 is down_c < 0 (its sign bit) for every c < c_max - 1.
+        # From c = c_max - 1 on the bit says 1 where pen_c should be 0, but pen_c is only read
+        # while c < c_max (last_c clear), and the step after c = c_max wraps it.
         last_f = {n: Signal(name=f"last_{n}") for n in counters}
         pen_f = {n: Signal(name=f"pen_{n}") for n in counters}
-        max_m2 = {n: Signal(signed(len(c) + 1), name=f"{n}_max_m2") for n, (c, _) in counters.items()}
+        down = {n: Signal(signed(len(c) + 2), name=f"{n}_down") for n, (c, _) in counters.items()}
+        max_m3 = {n: Signal(signed(len(c) + 2), name=f"{n}_max_m3") for n, (c, _) in counters.items()}
         max_z = {n: Signal(name=f"{n}_max_zero") for n in counters}
         max_one = {n: Signal(name=f"{n}_max_one") for n in counters}
 
         def incr(n):
             c, _ = counters[n]
-            return [c.eq(c + 1), last_f[n].eq(pen_f[n]), pen_f[n].eq(c == max_m2[n])]
+            return [c.eq(c + 1), down[n].eq(down[n] - 1), last_f[n].eq(pen_f[n]),
+                    pen_f[n].eq(down[n][-1])]
 
         def wrap(n):
             c, _ = counters[n]
-            return [c.eq(0), last_f[n].eq(max_z[n]), pen_f[n].eq(max_one[n])]
+            return [c.eq(0), down[n].eq(max_m3[n]), last_f[n].eq(max_z[n]),
+                    pen_f[n].eq(max_one[n])]
 
         last_cw, last_kx, last_ky = last_f["cw"], last_f["kx"], last_f["ky"]
         last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
@@ -280,7 +287,7 @@ class AddressGen(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [*wcw_2, *kwcw_2, *pix_2, *pcw_2]
                 for n, (_, cmax) in counters.items():
-                    m.d.sync += [max_m2[n].eq(cmax - 2),
+                    m.d.sync += [max_m3[n].eq(cmax - 3),
                                  max_z[n].eq(cmax == 0), max_one[n].eq(cmax == 1)]
                 m.next = "SETUP3"
             with m.State("SETUP3"):
@@ -302,6 +309,7 @@ class AddressGen(wiring.Component):
                 ]
                 m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
                 m.d.sync += [pen_f[n].eq(max_one[n]) for n in counters]
+                m.d.sync += [down[n].eq(max_m3[n]) for n in counters]
                 m.d.sync += inc_for(max_z["cw"] & max_z["kx"])
                 m.d.sync += [last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"]),
                              tile_end.eq(max_z["cw"] & max_z["kx"] & max_z["ky"] & max_z["t"])]
