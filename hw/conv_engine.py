@@ -203,17 +203,12 @@ class ConvEngine(wiring.Component):
         out_shift_d = [Signal(shift_shape(cfg), name=f"out_shift_d{o}") for o in range(k)]
 
         # each lane registers its own copy of the accumulator controls (kept apart in synthesis,
-        # gen/fpga.py): one shared flag would fan out to K x acc_bits mux and enable inputs.
-        # The copy is two registers deep (from the token two stages ahead), so the one that
-        # drives the accumulator's acc_bits-wide bias mux has a single lane-local load on its
-        # input and is placed beside the adder, not between it and the shared token register.
+        # gen/fpga.py): one shared flag would fan out to K x acc_bits mux and enable inputs
         acc_first = [Signal(name=f"lane_first{o}") for o in range(k)]
         acc_en = [Signal(name=f"lane_en{o}") for o in range(k)]
         for o in range(k):
-            first_pre = Signal(name=f"lane_first_pre{o}")
-            en_pre = Signal(name=f"lane_en_pre{o}")
-            m.d.sync += [first_pre.eq(tk[st["acc"] - 2].first), acc_first[o].eq(first_pre),
-                         en_pre.eq(tk[st["acc"] - 2].valid), acc_en[o].eq(en_pre)]
+            m.d.sync += [acc_first[o].eq(tk[st["acc"] - 1].first),
+                         acc_en[o].eq(tk[st["acc"] - 1].valid)]
 
         for o in range(k):
             mac = MacTree(k, mantissa_bits=cfg.mantissa_bits,

