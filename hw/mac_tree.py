@@ -105,7 +105,8 @@ class MacTree(wiring.Component):
             if self._split:
                 self._booth(m, c, x_op[c], w_op[c], p)
             else:
-                xa, wa, first = x_op[c], w_op[c], 1
+                # reg_from: the product stage whose register first follows the multiplier
+                xa, wa, reg_from = x_op[c], w_op[c], 1
                 if self._pst >= 2:
                     # operands registered a second time right before the multiplier (the DSP
                     # block's input registers), taking one of the product stages: the per-tree
@@ -113,9 +114,9 @@ class MacTree(wiring.Component):
                     xa = Signal(signed(self._mbits), name=f"mul{c}_x", reset_less=True)
                     wa = Signal(signed(self._mbits), name=f"mul{c}_w", reset_less=True)
                     m.d.sync += [xa.eq(x_op[c]), wa.eq(w_op[c])]
-                    first = 2
+                    reg_from = 2
                 prev = xa * wa
-                for s in range(first, self._pst):
+                for s in range(reg_from, self._pst):
                     r = Signal(signed(2 * self._mbits), name=f"prod{c}_{s}", reset_less=True)
                     m.d.sync += r.eq(prev)
                     prev = r

@@ -7,6 +7,7 @@ yowasp tools are installed; the flow's plumbing is exercised with fake tools.
 import gc
 import json
 import stat
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -315,8 +316,6 @@ def test_keep_marks_every_lane_copy_of_the_accumulator_controls(tmp_path):
     """The ``keep`` selection reaches each lane's ``first`` / ``en`` copy and the trees'
     operand copies, and nothing else: 2 flip-flops per lane plus one ``x_op`` register per
     tree."""
-    import subprocess
-
     cfg = HwConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs/hw/pe4.yaml")
     fpga.emit_design(cfg, tmp_path, "none", None)
     (tmp_path / "k.ys").write_text("\n".join([
