@@ -36,7 +36,7 @@ def token_layout(cfg: HwConfig) -> data.StructLayout:
     return data.StructLayout({
         "valid": 1,
         "pad": 1,            # the activation word is a zero-padding position
-        "first": 1,          # first step of an output word: the accumulator starts at the bias
+        "first": 1,          # first step of an output word (its partial sums start here)
         "last": 1,           # last step of an output word: requantize and write it
         "final": 1,          # last step of the layer
         "tile": unsigned(bits_for(cfg.max_tiles)),                   # output tile t
@@ -53,7 +53,8 @@ class AddressGen(wiring.Component):
     ``(W - kw)*CW + 1``, a new tile restarts at the pixel origin, a new pixel adds
     ``stride*CW``, a new row ``stride*W*CW``. These steps are computed from the descriptor in
     :data:`SETUP_CYCLES` registered cycles after ``start``. For Fmax every per-step decision
-    is a flip-flop: each loop counter carries a registered "is last" flag, and the origins of
+    is a flip-flop: each loop counter carries a registered "is last" flag, the outer loops
+    (t, ox, oy) step under one registered flag each, set one step ahead, and the origins of
     the next pixel and row (their addresses and their input coordinates ``ix``/``iy``) are kept
     one addition ahead, so a step only adds +1 or ``row_skip`` to the activation address, +1
     to a coordinate, or selects among registers. The weight address runs
@@ -174,7 +175,17 @@ class AddressGen(wiring.Component):
         o_addr = Signal(unsigned(addr_width(cfg.out_depth)))
         first = Signal()         # cw == kx == ky == 0
         run = Signal()           # issuing steps (the FSM's RUN state, as one flip-flop)
-        tile_end = Signal()      # last & last_t: this step ends the last tile of a pixel
+        kernel_z = Signal()      # kh = kw = CW = 1: every step is the last of its output
+        # The outer loops (t, ox, oy) step at the end of a tile. Which of their steps this is
+        # is a flip-flop, set one step ahead (as ``last`` is): go_t (next tile), go_pix (the
+        # pixel's last tile ends: t wraps), and within go_pix exactly one of go_ox (next
+        # pixel), go_oy (next row) or go_end (the layer's last step). All are 0 while idle.
+        # The e_* flags say what the end of the current tile will do (last_t & ~last_ox,
+        # last_t & last_ox & ~last_oy, last_t & last_ox & last_oy); they change only when
+        # t, ox or oy do, so the go flags' next values are a flag AND an e flag.
+        go_t, go_pix, go_ox, go_oy, go_end = (
+            Signal(name=f"go_{n}") for n in ("t", "pix", "ox", "oy", "end"))
+        e_ox, e_oy, e_end = (Signal(name=f"end_{n}") for n in ("ox", "oy", "end"))
 
         # Each loop counter c carries a registered flag last_c = (c == c_max), updated with
         # the counter from "c == c_max - 1" (on increment) or "c_max == 0" (on wrap), so the
@@ -209,6 +220,24 @@ class AddressGen(wiring.Component):
         # last = last_cw & last_kx & last_ky, itself a flag updated with the three
         last = Signal()
 
+        def go_next(new_last, last_t_next, ends):
+            """The go flags of the next step, whose ``last`` is ``new_last``."""
+            e_ox_n, e_oy_n, e_end_n = ends
+            return [go_t.eq(new_last & ~last_t_next), go_pix.eq(new_last & last_t_next),
+                    go_ox.eq(new_last & e_ox_n), go_oy.eq(new_last & e_oy_n),
+                    go_end.eq(new_last & e_end_n)]
+
+        def ends_of(lt, lox, loy):
+            """The e flags of a position with the given last_t / last_ox / last_oy."""
+            return (lt & ~lox, lt & lox & ~loy, lt & lox & loy)
+
+        def outer_step(lt, lox, loy):
+            """A step that moves t, ox or oy: the new position's e flags and the next go
+            flags (the next step starts a kernel pass, so its ``last`` is ``kernel_z``)."""
+            ends = ends_of(lt, lox, loy)
+            return [e_ox.eq(ends[0]), e_oy.eq(ends[1]), e_end.eq(ends[2]),
+                    *go_next(kernel_z, lt, ends)]
+
         def inc_for(ky_step):
             """``row_inc`` for the flags last_cw & last_kx = ``ky_step`` after this cycle: one
             flip-flop (the step decode drives one bit, not an address-wide mux), turned into
@@ -228,9 +257,7 @@ class AddressGen(wiring.Component):
                      k_inc.eq(run & ~last),
                      k_kx.eq(run & ~last & last_cw & ~last_kx),
                      k_ky.eq(run & ~last & last_cw & last_kx),
-                     k_tile.eq(run & last & ~tile_end),
-                     k_ox.eq(run & last & tile_end & ~last_ox),
-                     k_oy.eq(run & last & tile_end & last_ox & ~last_oy)]
+                     k_tile.eq(go_t), k_ox.eq(go_ox), k_oy.eq(go_oy)]
         with m.If(k_inc):
             m.d.sync += a_addr.eq(a_addr + a_inc_r)
         with m.If(k_kx):
@@ -259,7 +286,7 @@ class AddressGen(wiring.Component):
             self.act_addr.eq(a_addr),
             token.first.eq(first),
             token.last.eq(last),
-            token.final.eq(tile_end & last_ox & last_oy),
+            token.final.eq(go_end),
             token.valid.eq(run),
             token.tile.eq(t),
             token.align_addr.eq(al_addr),
@@ -292,7 +319,8 @@ class AddressGen(wiring.Component):
                 m.next = "SETUP3"
             with m.State("SETUP3"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [*pwcw_1, *rstep_1, row_skip.eq(wcw - kwcw + 1)]
+                m.d.sync += [*pwcw_1, *rstep_1, row_skip.eq(wcw - kwcw + 1),
+                             kernel_z.eq(max_z["cw"] & max_z["kx"] & max_z["ky"])]
                 m.next = "SETUP4"
             with m.State("SETUP4"):
                 m.d.comb += self.busy.eq(1)
@@ -311,8 +339,9 @@ class AddressGen(wiring.Component):
                 m.d.sync += [pen_f[n].eq(max_one[n]) for n in counters]
                 m.d.sync += [down[n].eq(max_m3[n]) for n in counters]
                 m.d.sync += inc_for(max_z["cw"] & max_z["kx"])
-                m.d.sync += [last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"]),
-                             tile_end.eq(max_z["cw"] & max_z["kx"] & max_z["ky"] & max_z["t"])]
+                ends = ends_of(max_z["t"], max_z["ox"], max_z["oy"])
+                m.d.sync += [last.eq(kernel_z), e_ox.eq(ends[0]), e_oy.eq(ends[1]),
+                             e_end.eq(ends[2])]
                 m.next = "SETUP6"
             with m.State("SETUP6"):
                 m.d.comb += self.busy.eq(1)
@@ -320,54 +349,55 @@ class AddressGen(wiring.Component):
                 # not the two additions behind it
                 m.d.sync += [a_addr.eq(origin), pix_addr.eq(origin),
                              pix_next.eq(origin + pix_step), row_next.eq(origin + row_step),
-                             run.eq(1)]
+                             run.eq(1), *go_next(last, last_t, (e_ox, e_oy, e_end))]
                 m.next = "RUN"
             with m.State("RUN"):
                 m.d.comb += self.busy.eq(1)
-                with m.If(run & last & last_t & last_ox & last_oy):
+                with m.If(go_end):
                     m.next = "IDLE"
 
         # The step loop, outside the FSM: every decision below reads flip-flops only (``run``,
-        # ``last``, ``tile_end`` and the per-counter ``last_*`` flags), so no state decoding
-        # or flag AND-chain sits in front of the address registers' enables.
+        # ``last``, the per-counter ``last_*`` flags and the go flags), so no state decoding or
+        # flag AND-chain sits in front of the address registers' enables. The inner loops
+        # (cw, kx, ky) step under ``run``; the outer ones each under one go flag.
+        def same_position(new_last):
+            """t, ox, oy stay: the next step's go flags come from this position's e flags."""
+            return go_next(new_last, last_t, (e_ox, e_oy, e_end))
+
         with m.If(run):
             m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
             with m.If(~last):
                 with m.If(~last_cw):
                     new_last = pen_f["cw"] & last_kx & last_ky
                     m.d.sync += [*incr("cw"), al_addr.eq(al_addr + 1),
-                                 inc_for(pen_f["cw"] & last_kx),
-                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
+                                 inc_for(pen_f["cw"] & last_kx), last.eq(new_last),
+                                 *same_position(new_last)]
                 with m.Elif(~last_kx):
                     new_last = max_z["cw"] & pen_f["kx"] & last_ky
-                    m.d.sync += [*wrap("cw"), *incr("kx"),
-                                 al_addr.eq(al_base),
-                                 inc_for(max_z["cw"] & pen_f["kx"]),
-                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
+                    m.d.sync += [*wrap("cw"), *incr("kx"), al_addr.eq(al_base),
+                                 inc_for(max_z["cw"] & pen_f["kx"]), last.eq(new_last),
+                                 *same_position(new_last)]
                 with m.Else():
                     new_last = max_z["cw"] & max_z["kx"] & pen_f["ky"]
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), al_addr.eq(al_base),
-                                 inc_for(max_z["cw"] & max_z["kx"]),
-                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
+                                 inc_for(max_z["cw"] & max_z["kx"]), last.eq(new_last),
+                                 *same_position(new_last)]
             with m.Else():
-                kernel_z = max_z["cw"] & max_z["kx"] & max_z["ky"]
                 m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
                              o_addr.eq(o_addr + 1), last.eq(kernel_z),
                              inc_for(max_z["cw"] & max_z["kx"])]
-                with m.If(~tile_end):
-                    # the last step of a tile has cw = CW - 1, so the next tile's base
-                    # t*CW + CW is al_addr + 1: no descriptor operand on this adder
-                    m.d.sync += [*incr("t"),
-                                 al_base.eq(al_addr + 1),
-                                 al_addr.eq(al_addr + 1),
-                                 tile_end.eq(kernel_z & pen_f["t"])]
-                with m.Else():
-                    m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
-                                 tile_end.eq(kernel_z & max_z["t"])]
-                    with m.If(~last_ox):
-                        m.d.sync += incr("ox")
-                    with m.Elif(~last_oy):
-                        m.d.sync += [*wrap("ox"), *incr("oy")]
-                    with m.Else():
-                        m.d.sync += run.eq(0)
+        with m.If(go_t):
+            # the last step of a tile has cw = CW - 1, so the next tile's base t*CW + CW is
+            # al_addr + 1: no descriptor operand on this adder
+            m.d.sync += [*incr("t"), al_base.eq(al_addr + 1), al_addr.eq(al_addr + 1),
+                         *outer_step(pen_f["t"], last_ox, last_oy)]
+        with m.If(go_pix):
+            m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0)]
+        with m.If(go_ox):
+            m.d.sync += [*incr("ox"), *outer_step(max_z["t"], pen_f["ox"], last_oy)]
+        with m.If(go_oy):
+            m.d.sync += [*wrap("ox"), *incr("oy"),
+                         *outer_step(max_z["t"], max_z["ox"], pen_f["oy"])]
+        with m.If(go_end):
+            m.d.sync += [run.eq(0), go_t.eq(0), go_pix.eq(0), go_end.eq(0)]
         return m
