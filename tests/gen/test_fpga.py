@@ -436,6 +436,7 @@ def test_cli_synthesizes_the_models_datapaths(monkeypatch, tmp_path):
     hw.write_text("\n".join(f"{k}: {v}" for k, v in TINY.to_dict().items()) + "\n")
     out = tmp_path / "out"
     args = ["--hw", str(hw), "--out", str(out), "--memories", "none", "--no-plots"]
+    monkeypatch.chdir(tmp_path)     # the run cache (build/cache/fpga) stays out of the checkout
     assert fpga.main(["--model", "pg_resnet20", *args]) == 0
     assert seen == [("dual", "tiny")]
     fd = json.loads((out / "fpga.json").read_text())
