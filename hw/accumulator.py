@@ -14,14 +14,16 @@ __all__ = ["Accumulator"]
 class Accumulator(wiring.Component):
     """Sums the partial sums ``i`` of one output; ``o = bias + sum`` after its last one.
 
-    Two registers of ``acc_bits``: the running sum ``run`` and the finished sum ``done``.
-    On an enabled step ``run + i`` goes back into ``run``; on the output's ``last`` step it
-    goes into ``done`` instead and ``run`` is cleared. The adder's inputs are therefore a
+    Three registers of ``acc_bits``: the running sum ``run``, the finished sum ``done`` and
+    its bias ``bias_q``. On an enabled step ``run + i`` goes back into ``run``; on the
+    output's ``last`` step it goes into ``done`` instead (and ``bias`` into ``bias_q``) and
+    ``run`` is cleared. The adder's inputs are therefore a
     flip-flop and ``i`` only: the step controls reach the flip-flops' enable and
     synchronous-reset pins (no mux in front of the carry chain, no high-fanout select),
     which is what the engine's Fmax on the ECP5 asked for. The bias (integer, LSB of the
     accumulator) is added to ``done`` on the way out, so ``o = bias + sum`` equals the
-    bias-preloaded sum bit for bit.
+    bias-preloaded sum bit for bit. The bias is sampled with the last step, so the engine reads
+    it with the step's other operands (one memory address register, as before).
 
     The host proves ``|bias| + sum |x * w << d| < 2**(acc_bits-1)`` for every layer
     (``golden.accumulator_bound``), so neither register nor the output add wraps.
@@ -42,9 +44,9 @@ class Accumulator(wiring.Component):
         An enabled step that carries the output's last partial sum (implies ``en``: it
         drives the registers' reset and enable pins directly).
     bias : In(signed(acc_bits))
-        Combinational into ``o``: present it in the cycles ``o`` is read.
+        The output's bias, read with its ``last`` step.
     o : Out(signed(acc_bits))
-        ``bias + done``: from the cycle after a ``last`` step (latency 1) until the next
+        ``bias_q + done``: from the cycle after a ``last`` step (latency 1) until the next
         ``last`` step, the finished output.
     """
 
@@ -70,10 +72,11 @@ class Accumulator(wiring.Component):
         m = Module()
         run = Signal(signed(self._acc_bits))                    # reset 0: a step starts at 0
         done = Signal(signed(self._acc_bits), reset_less=True)  # read only after a last step
+        bias_q = Signal(signed(self._acc_bits), reset_less=True)
         total = run + self.i
         with m.If(self.last):
-            m.d.sync += [done.eq(total), run.eq(0)]
+            m.d.sync += [done.eq(total), bias_q.eq(self.bias), run.eq(0)]
         with m.Elif(self.en):
             m.d.sync += run.eq(total)
-        m.d.comb += self.o.eq(done + self.bias)
+        m.d.comb += self.o.eq(done + bias_q)
         return m

@@ -175,7 +175,7 @@ class ConvEngine(wiring.Component):
             self.act.addr.eq(agen.act_addr),
             self.wgt.addr.eq(agen.wgt_addr),
             self.align.addr.eq(tk[st["align"] - rd].align_addr),
-            self.bias.addr.eq(tk[st["rq"] - rd].tile),   # added to the finished sum
+            self.bias.addr.eq(tk[st["acc"] - rd].tile),
             self.quant.addr.eq(tk[st["rq"] - rd].tile),
             self.res.addr.eq(tk[st["rq"] - rd].out_addr),
         ]

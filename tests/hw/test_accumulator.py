@@ -1,5 +1,6 @@
-"""Accumulator: ``bias + sum`` of each output's partial sums, held until the next output's
-last step; the running sum restarts at 0; exact at the width bound."""
+"""Accumulator: ``bias + sum`` of each output's partial sums (the bias read with the last
+step), held until the next output's last step; the running sum restarts at 0; exact at the
+width bound."""
 
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ def _run(dut, steps):
 
 
 def _model(steps):
-    """``o`` after each step: bias (as presented then) + the last finished sum."""
+    """``o`` after each step: the last finished sum plus the bias of its last step."""
     run, done, out = 0, None, []
     for s in steps:
         if s["last"]:
-            done, run = run + s["i"], 0
+            done, run = run + s["i"] + s["bias"], 0
         elif s["en"]:
             run += s["i"]
-        out.append(None if done is None else done + s["bias"])
+        out.append(done)
     return out
 
 
@@ -64,12 +65,12 @@ def test_random_outputs_equal_bias_plus_sum():
 def test_result_is_held_until_the_next_last_step_and_disabled_steps_are_skipped():
     dut = Accumulator(in_width=8, acc_bits=16)
     steps = [dict(i=5, en=1, last=0, bias=0), dict(i=100, en=0, last=0, bias=0),
-             dict(i=7, en=1, last=1, bias=1000),          # done = 12
-             dict(i=3, en=1, last=0, bias=1000),          # still 1012
-             dict(i=-9, en=0, last=0, bias=-2),           # 10
-             dict(i=-4, en=1, last=1, bias=0),            # done = 3 - 4 = -1
-             dict(i=0, en=0, last=0, bias=0)]
-    assert _run(dut, steps)[2:] == [1012, 1012, 10, -1, -1]
+             dict(i=7, en=1, last=1, bias=1000),          # 1000 + 12
+             dict(i=3, en=1, last=0, bias=-2),            # still 1012: bias read at last
+             dict(i=-9, en=0, last=0, bias=-2),           # 1012
+             dict(i=-4, en=1, last=1, bias=-2),           # -2 + 3 - 4 = -3
+             dict(i=0, en=0, last=0, bias=50)]
+    assert _run(dut, steps)[2:] == [1012, 1012, 1012, -3, -3]
 
 
 def test_single_step_outputs_and_worst_case_accumulation_at_the_width_bound():
@@ -79,10 +80,11 @@ def test_single_step_outputs_and_worst_case_accumulation_at_the_width_bound():
     lo, hi = -(1 << 7), (1 << 7) - 1
     top = (1 << 11) - 1
     steps = [dict(i=hi, en=1, last=1, bias=0), dict(i=0, en=0, last=0, bias=0)]
-    steps += [dict(i=hi, en=1, last=0, bias=0)] * 8 + [dict(i=hi, en=1, last=1, bias=0)]
-    steps += [dict(i=0, en=0, last=0, bias=top - 9 * hi)]           # 9*127 + 904 = 2047
-    steps += [dict(i=lo, en=1, last=0, bias=0)] * 8 + [dict(i=lo, en=1, last=1, bias=0)]
-    steps += [dict(i=0, en=0, last=0, bias=-top + 9 * 128)]          # -1152 - 895 = -2047
+    steps += [dict(i=hi, en=1, last=0, bias=0)] * 8
+    steps += [dict(i=hi, en=1, last=1, bias=top - 9 * hi)]          # 9*127 + 904 = 2047
+    steps += [dict(i=lo, en=1, last=0, bias=0)] * 8
+    steps += [dict(i=lo, en=1, last=1, bias=-top + 9 * 128)]         # -1152 - 895 = -2047
+    steps += [dict(i=0, en=0, last=0, bias=0)]
     got = _run(dut, steps)
     assert got[0] == hi and got[1] == hi
-    assert got[11] == top and got[21] == -top
+    assert got[10] == top and got[19] == -top and got[20] == -top
