@@ -176,16 +176,19 @@ class AddressGen(wiring.Component):
         first = Signal()         # cw == kx == ky == 0
         run = Signal()           # issuing steps (the FSM's RUN state, as one flip-flop)
         kernel_z = Signal()      # kh = kw = CW = 1: every step is the last of its output
-        # The outer loops (t, ox, oy) step at the end of a tile. Which of their steps this is
-        # is a flip-flop, set one step ahead (as ``last`` is): go_t (next tile), go_pix (the
-        # pixel's last tile ends: t wraps), and within go_pix exactly one of go_ox (next
-        # pixel), go_oy (next row) or go_end (the layer's last step). All are 0 while idle.
-        # The e_* flags say what the end of the current tile will do (last_t & ~last_ox,
-        # last_t & last_ox & ~last_oy, last_t & last_ox & last_oy); they change only when
-        # t, ox or oy do, so the go flags' next values are a flag AND an e flag.
+        # last = last_cw & last_kx & last_ky, itself a flag updated with the three
+        last = Signal()
+        # The outer loops (t, ox, oy) step at the end of a tile (a ``last`` step). What that
+        # step does is a flip-flop per kind, kept for the current position and changed only
+        # when t, ox or oy do: end_t (next tile: ~last_t), end_pix (the pixel's last tile: t
+        # wraps, last_t), and within end_pix exactly one of end_ox (next pixel), end_oy (next
+        # row) or end_end (the layer's last step). All are 0 while idle, so the outer loops'
+        # enables go_* = last & end_* are one 2-input AND of flip-flops.
+        ends = {n: Signal(name=f"end_{n}") for n in ("t", "pix", "ox", "oy", "end")}
         go_t, go_pix, go_ox, go_oy, go_end = (
             Signal(name=f"go_{n}") for n in ("t", "pix", "ox", "oy", "end"))
-        e_ox, e_oy, e_end = (Signal(name=f"end_{n}") for n in ("ox", "oy", "end"))
+        m.d.comb += [go.eq(last & ends[n]) for go, n in
+                     zip((go_t, go_pix, go_ox, go_oy, go_end), ("t", "pix", "ox", "oy", "end"))]
 
         # Each loop counter c carries a registered flag last_c = (c == c_max), updated with
         # the counter from "c == c_max - 1" (on increment) or "c_max == 0" (on wrap), so the
@@ -217,26 +220,11 @@ class AddressGen(wiring.Component):
 
         last_cw, last_kx, last_ky = last_f["cw"], last_f["kx"], last_f["ky"]
         last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
-        # last = last_cw & last_kx & last_ky, itself a flag updated with the three
-        last = Signal()
 
-        def go_next(new_last, last_t_next, ends):
-            """The go flags of the next step, whose ``last`` is ``new_last``."""
-            e_ox_n, e_oy_n, e_end_n = ends
-            return [go_t.eq(new_last & ~last_t_next), go_pix.eq(new_last & last_t_next),
-                    go_ox.eq(new_last & e_ox_n), go_oy.eq(new_last & e_oy_n),
-                    go_end.eq(new_last & e_end_n)]
-
-        def ends_of(lt, lox, loy):
-            """The e flags of a position with the given last_t / last_ox / last_oy."""
-            return (lt & ~lox, lt & lox & ~loy, lt & lox & loy)
-
-        def outer_step(lt, lox, loy):
-            """A step that moves t, ox or oy: the new position's e flags and the next go
-            flags (the next step starts a kernel pass, so its ``last`` is ``kernel_z``)."""
-            ends = ends_of(lt, lox, loy)
-            return [e_ox.eq(ends[0]), e_oy.eq(ends[1]), e_end.eq(ends[2]),
-                    *go_next(kernel_z, lt, ends)]
+        def set_ends(lt, lox, loy):
+            """The end flags of the position with the given last_t / last_ox / last_oy."""
+            return [ends["t"].eq(~lt), ends["pix"].eq(lt), ends["ox"].eq(lt & ~lox),
+                    ends["oy"].eq(lt & lox & ~loy), ends["end"].eq(lt & lox & loy)]
 
         def inc_for(ky_step):
             """``row_inc`` for the flags last_cw & last_kx = ``ky_step`` after this cycle: one
@@ -339,9 +327,7 @@ class AddressGen(wiring.Component):
                 m.d.sync += [pen_f[n].eq(max_one[n]) for n in counters]
                 m.d.sync += [down[n].eq(max_m3[n]) for n in counters]
                 m.d.sync += inc_for(max_z["cw"] & max_z["kx"])
-                ends = ends_of(max_z["t"], max_z["ox"], max_z["oy"])
-                m.d.sync += [last.eq(kernel_z), e_ox.eq(ends[0]), e_oy.eq(ends[1]),
-                             e_end.eq(ends[2])]
+                m.d.sync += last.eq(kernel_z)
                 m.next = "SETUP6"
             with m.State("SETUP6"):
                 m.d.comb += self.busy.eq(1)
@@ -349,7 +335,9 @@ class AddressGen(wiring.Component):
                 # not the two additions behind it
                 m.d.sync += [a_addr.eq(origin), pix_addr.eq(origin),
                              pix_next.eq(origin + pix_step), row_next.eq(origin + row_step),
-                             run.eq(1), *go_next(last, last_t, (e_ox, e_oy, e_end))]
+                             run.eq(1),
+                             # set with run: the go flags must stay 0 until the first step
+                             *set_ends(max_z["t"], max_z["ox"], max_z["oy"])]
                 m.next = "RUN"
             with m.State("RUN"):
                 m.d.comb += self.busy.eq(1)
@@ -360,28 +348,21 @@ class AddressGen(wiring.Component):
         # ``last``, the per-counter ``last_*`` flags and the go flags), so no state decoding or
         # flag AND-chain sits in front of the address registers' enables. The inner loops
         # (cw, kx, ky) step under ``run``; the outer ones each under one go flag.
-        def same_position(new_last):
-            """t, ox, oy stay: the next step's go flags come from this position's e flags."""
-            return go_next(new_last, last_t, (e_ox, e_oy, e_end))
-
         with m.If(run):
             m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
             with m.If(~last):
                 with m.If(~last_cw):
                     new_last = pen_f["cw"] & last_kx & last_ky
                     m.d.sync += [*incr("cw"), al_addr.eq(al_addr + 1),
-                                 inc_for(pen_f["cw"] & last_kx), last.eq(new_last),
-                                 *same_position(new_last)]
+                                 inc_for(pen_f["cw"] & last_kx), last.eq(new_last)]
                 with m.Elif(~last_kx):
                     new_last = max_z["cw"] & pen_f["kx"] & last_ky
                     m.d.sync += [*wrap("cw"), *incr("kx"), al_addr.eq(al_base),
-                                 inc_for(max_z["cw"] & pen_f["kx"]), last.eq(new_last),
-                                 *same_position(new_last)]
+                                 inc_for(max_z["cw"] & pen_f["kx"]), last.eq(new_last)]
                 with m.Else():
                     new_last = max_z["cw"] & max_z["kx"] & pen_f["ky"]
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), al_addr.eq(al_base),
-                                 inc_for(max_z["cw"] & max_z["kx"]), last.eq(new_last),
-                                 *same_position(new_last)]
+                                 inc_for(max_z["cw"] & max_z["kx"]), last.eq(new_last)]
             with m.Else():
                 m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
                              o_addr.eq(o_addr + 1), last.eq(kernel_z),
@@ -390,14 +371,14 @@ class AddressGen(wiring.Component):
             # the last step of a tile has cw = CW - 1, so the next tile's base t*CW + CW is
             # al_addr + 1: no descriptor operand on this adder
             m.d.sync += [*incr("t"), al_base.eq(al_addr + 1), al_addr.eq(al_addr + 1),
-                         *outer_step(pen_f["t"], last_ox, last_oy)]
+                         *set_ends(pen_f["t"], last_ox, last_oy)]
         with m.If(go_pix):
             m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0)]
         with m.If(go_ox):
-            m.d.sync += [*incr("ox"), *outer_step(max_z["t"], pen_f["ox"], last_oy)]
+            m.d.sync += [*incr("ox"), *set_ends(max_z["t"], pen_f["ox"], last_oy)]
         with m.If(go_oy):
             m.d.sync += [*wrap("ox"), *incr("oy"),
-                         *outer_step(max_z["t"], max_z["ox"], pen_f["oy"])]
+                         *set_ends(max_z["t"], max_z["ox"], pen_f["oy"])]
         with m.If(go_end):
-            m.d.sync += [run.eq(0), go_t.eq(0), go_pix.eq(0), go_end.eq(0)]
+            m.d.sync += [run.eq(0), *(e.eq(0) for e in ends.values())]
         return m
