@@ -93,11 +93,11 @@ DSP_RESERVE = 0
 #: the engine's read register is needed
 NO_RW_CHECK = " -no-rw-check"
 #: yosys command (run after ``proc``) that marks ``keep`` the MAC trees' operand registers and
-#: the lanes' own registers of the accumulator controls (the flip-flops driving the ``last``
+#: the lanes' own registers of the accumulator controls (the flip-flops driving the ``first``
 #: and ``en`` ports of the ``acc*`` cells), so no pass merges the identical copies back into
 #: one high-fanout register
 KEEP_OPERAND_COPIES = ("setattr -set keep 1 w:x_op %ci1 t:$dff %i "
-                       "c:acc* %ci1:+[last,en] %ci1 t:$dff %i %u")
+                       "c:acc* %ci1:+[first,en] %ci1 t:$dff %i %u")
 #: yosys commands (after ``proc``) that flatten the design and give its internal wires
 #: readable unique names: works around yosys 0.70 assertions in ABC reintegration
 RENAME_FIRST = ["flatten", "opt_clean -purge", "autoname"]

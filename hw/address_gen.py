@@ -36,7 +36,7 @@ def token_layout(cfg: HwConfig) -> data.StructLayout:
     return data.StructLayout({
         "valid": 1,
         "pad": 1,            # the activation word is a zero-padding position
-        "first": 1,          # first step of an output word (its partial sums start here)
+        "first": 1,          # first step of an output word: the accumulator starts at the bias
         "last": 1,           # last step of an output word: requantize and write it
         "final": 1,          # last step of the layer
         "tile": unsigned(bits_for(cfg.max_tiles)),                   # output tile t
@@ -53,8 +53,7 @@ class AddressGen(wiring.Component):
     ``(W - kw)*CW + 1``, a new tile restarts at the pixel origin, a new pixel adds
     ``stride*CW``, a new row ``stride*W*CW``. These steps are computed from the descriptor in
     :data:`SETUP_CYCLES` registered cycles after ``start``. For Fmax every per-step decision
-    is a flip-flop: each loop counter carries a registered "is last" flag, the outer loops
-    (t, ox, oy) step under one registered flag each, set one step ahead, and the origins of
+    is a flip-flop: each loop counter carries a registered "is last" flag, and the origins of
     the next pixel and row (their addresses and their input coordinates ``ix``/``iy``) are kept
     one addition ahead, so a step only adds +1 or ``row_skip`` to the activation address, +1
     to a coordinate, or selects among registers. The weight address runs
@@ -175,20 +174,7 @@ class AddressGen(wiring.Component):
         o_addr = Signal(unsigned(addr_width(cfg.out_depth)))
         first = Signal()         # cw == kx == ky == 0
         run = Signal()           # issuing steps (the FSM's RUN state, as one flip-flop)
-        kernel_z = Signal()      # kh = kw = CW = 1: every step is the last of its output
-        # last = last_cw & last_kx & last_ky, itself a flag updated with the three
-        last = Signal()
-        # The outer loops (t, ox, oy) step at the end of a tile (a ``last`` step). What that
-        # step does is a flip-flop per kind, kept for the current position and changed only
-        # when t, ox or oy do: end_t (next tile: ~last_t), end_pix (the pixel's last tile: t
-        # wraps, last_t), and within end_pix exactly one of end_ox (next pixel), end_oy (next
-        # row) or end_end (the layer's last step). All are 0 while idle, so the outer loops'
-        # enables go_* = last & end_* are one 2-input AND of flip-flops.
-        ends = {n: Signal(name=f"end_{n}") for n in ("t", "pix", "ox", "oy", "end")}
-        go_t, go_pix, go_ox, go_oy, go_end = (
-            Signal(name=f"go_{n}") for n in ("t", "pix", "ox", "oy", "end"))
-        m.d.comb += [go.eq(last & ends[n]) for go, n in
-                     zip((go_t, go_pix, go_ox, go_oy, go_end), ("t", "pix", "ox", "oy", "end"))]
+        tile_end = Signal()      # last & last_t: this step ends the last tile of a pixel
 
         # Each loop counter c carries a registered flag last_c = (c == c_max), updated with
         # the counter from "c == c_max - 1" (on increment) or "c_max == 0" (on wrap), so the
@@ -220,11 +206,8 @@ class AddressGen(wiring.Component):
 
         last_cw, last_kx, last_ky = last_f["cw"], last_f["kx"], last_f["ky"]
         last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
-
-        def set_ends(lt, lox, loy):
-            """The end flags of the position with the given last_t / last_ox / last_oy."""
-            return [ends["t"].eq(~lt), ends["pix"].eq(lt), ends["ox"].eq(lt & ~lox),
-                    ends["oy"].eq(lt & lox & ~loy), ends["end"].eq(lt & lox & loy)]
+        # last = last_cw & last_kx & last_ky, itself a flag updated with the three
+        last = Signal()
 
         def inc_for(ky_step):
             """``row_inc`` for the flags last_cw & last_kx = ``ky_step`` after this cycle: one
@@ -245,7 +228,9 @@ class AddressGen(wiring.Component):
                      k_inc.eq(run & ~last),
                      k_kx.eq(run & ~last & last_cw & ~last_kx),
                      k_ky.eq(run & ~last & last_cw & last_kx),
-                     k_tile.eq(go_t), k_ox.eq(go_ox), k_oy.eq(go_oy)]
+                     k_tile.eq(run & last & ~tile_end),
+                     k_ox.eq(run & last & tile_end & ~last_ox),
+                     k_oy.eq(run & last & tile_end & last_ox & ~last_oy)]
         with m.If(k_inc):
             m.d.sync += a_addr.eq(a_addr + a_inc_r)
         with m.If(k_kx):
@@ -274,7 +259,7 @@ class AddressGen(wiring.Component):
             self.act_addr.eq(a_addr),
             token.first.eq(first),
             token.last.eq(last),
-            token.final.eq(go_end),
+            token.final.eq(tile_end & last_ox & last_oy),
             token.valid.eq(run),
             token.tile.eq(t),
             token.align_addr.eq(al_addr),
@@ -307,8 +292,7 @@ class AddressGen(wiring.Component):
                 m.next = "SETUP3"
             with m.State("SETUP3"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [*pwcw_1, *rstep_1, row_skip.eq(wcw - kwcw + 1),
-                             kernel_z.eq(max_z["cw"] & max_z["kx"] & max_z["ky"])]
+                m.d.sync += [*pwcw_1, *rstep_1, row_skip.eq(wcw - kwcw + 1)]
                 m.next = "SETUP4"
             with m.State("SETUP4"):
                 m.d.comb += self.busy.eq(1)
@@ -327,7 +311,8 @@ class AddressGen(wiring.Component):
                 m.d.sync += [pen_f[n].eq(max_one[n]) for n in counters]
                 m.d.sync += [down[n].eq(max_m3[n]) for n in counters]
                 m.d.sync += inc_for(max_z["cw"] & max_z["kx"])
-                m.d.sync += last.eq(kernel_z)
+                m.d.sync += [last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"]),
+                             tile_end.eq(max_z["cw"] & max_z["kx"] & max_z["ky"] & max_z["t"])]
                 m.next = "SETUP6"
             with m.State("SETUP6"):
                 m.d.comb += self.busy.eq(1)
@@ -335,50 +320,54 @@ class AddressGen(wiring.Component):
                 # not the two additions behind it
                 m.d.sync += [a_addr.eq(origin), pix_addr.eq(origin),
                              pix_next.eq(origin + pix_step), row_next.eq(origin + row_step),
-                             run.eq(1),
-                             # set with run: the go flags must stay 0 until the first step
-                             *set_ends(max_z["t"], max_z["ox"], max_z["oy"])]
+                             run.eq(1)]
                 m.next = "RUN"
             with m.State("RUN"):
                 m.d.comb += self.busy.eq(1)
-                with m.If(go_end):
+                with m.If(run & last & last_t & last_ox & last_oy):
                     m.next = "IDLE"
 
         # The step loop, outside the FSM: every decision below reads flip-flops only (``run``,
-        # ``last``, the per-counter ``last_*`` flags and the go flags), so no state decoding or
-        # flag AND-chain sits in front of the address registers' enables. The inner loops
-        # (cw, kx, ky) step under ``run``; the outer ones each under one go flag.
+        # ``last``, ``tile_end`` and the per-counter ``last_*`` flags), so no state decoding
+        # or flag AND-chain sits in front of the address registers' enables.
         with m.If(run):
             m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
             with m.If(~last):
                 with m.If(~last_cw):
                     new_last = pen_f["cw"] & last_kx & last_ky
                     m.d.sync += [*incr("cw"), al_addr.eq(al_addr + 1),
-                                 inc_for(pen_f["cw"] & last_kx), last.eq(new_last)]
+                                 inc_for(pen_f["cw"] & last_kx),
+                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Elif(~last_kx):
                     new_last = max_z["cw"] & pen_f["kx"] & last_ky
-                    m.d.sync += [*wrap("cw"), *incr("kx"), al_addr.eq(al_base),
-                                 inc_for(max_z["cw"] & pen_f["kx"]), last.eq(new_last)]
+                    m.d.sync += [*wrap("cw"), *incr("kx"),
+                                 al_addr.eq(al_base),
+                                 inc_for(max_z["cw"] & pen_f["kx"]),
+                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
                 with m.Else():
                     new_last = max_z["cw"] & max_z["kx"] & pen_f["ky"]
                     m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), al_addr.eq(al_base),
-                                 inc_for(max_z["cw"] & max_z["kx"]), last.eq(new_last)]
+                                 inc_for(max_z["cw"] & max_z["kx"]),
+                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
             with m.Else():
+                kernel_z = max_z["cw"] & max_z["kx"] & max_z["ky"]
                 m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
                              o_addr.eq(o_addr + 1), last.eq(kernel_z),
                              inc_for(max_z["cw"] & max_z["kx"])]
-        with m.If(go_t):
-            # the last step of a tile has cw = CW - 1, so the next tile's base t*CW + CW is
-            # al_addr + 1: no descriptor operand on this adder
-            m.d.sync += [*incr("t"), al_base.eq(al_addr + 1), al_addr.eq(al_addr + 1),
-                         *set_ends(pen_f["t"], last_ox, last_oy)]
-        with m.If(go_pix):
-            m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0)]
-        with m.If(go_ox):
-            m.d.sync += [*incr("ox"), *set_ends(max_z["t"], pen_f["ox"], last_oy)]
-        with m.If(go_oy):
-            m.d.sync += [*wrap("ox"), *incr("oy"),
-                         *set_ends(max_z["t"], max_z["ox"], pen_f["oy"])]
-        with m.If(go_end):
-            m.d.sync += [run.eq(0), *(e.eq(0) for e in ends.values())]
+                with m.If(~tile_end):
+                    # the last step of a tile has cw = CW - 1, so the next tile's base
+                    # t*CW + CW is al_addr + 1: no descriptor operand on this adder
+                    m.d.sync += [*incr("t"),
+                                 al_base.eq(al_addr + 1),
+                                 al_addr.eq(al_addr + 1),
+                                 tile_end.eq(kernel_z & pen_f["t"])]
+                with m.Else():
+                    m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
+                                 tile_end.eq(kernel_z & max_z["t"])]
+                    with m.If(~last_ox):
+                        m.d.sync += incr("ox")
+                    with m.Elif(~last_oy):
+                        m.d.sync += [*wrap("ox"), *incr("oy")]
+                    with m.Else():
+                        m.d.sync += run.eq(0)
         return m

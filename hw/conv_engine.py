@@ -54,8 +54,8 @@ class ConvEngine(wiring.Component):
 
     Per output pixel and output tile t (K output channels) the engine walks ky, kx, cw; each
     cycle every output lane o sums its K products (:class:`MacTree`), shifts the sum left by
-    ``d[o, cw]`` (:class:`Aligner`) and accumulates (:class:`Accumulator`, which adds the
-    bias to the finished sum). After the last step the accumulator is requantized (``shift.acc``), the residual
+    ``d[o, cw]`` (:class:`Aligner`) and accumulates (:class:`Accumulator`, starting from the
+    bias). After the last step the accumulator is requantized (``shift.acc``), the residual
     word (if enabled) is requantized (``shift.res``) and added, the sum is requantized
     (``shift.out``, 0 without residual: an exact no-op) and activated, and the output word is
     written. Cycles = ``SETUP_CYCLES + Ho*Wo*T*kh*kw*CW + latency``
@@ -204,12 +204,11 @@ class ConvEngine(wiring.Component):
 
         # each lane registers its own copy of the accumulator controls (kept apart in synthesis,
         # gen/fpga.py): one shared flag would fan out to K x acc_bits mux and enable inputs
-        acc_last = [Signal(name=f"lane_last{o}") for o in range(k)]
+        acc_first = [Signal(name=f"lane_first{o}") for o in range(k)]
         acc_en = [Signal(name=f"lane_en{o}") for o in range(k)]
         for o in range(k):
-            t_pre = tk[st["acc"] - 1]
-            m.d.sync += [acc_last[o].eq(t_pre.valid & t_pre.last),
-                         acc_en[o].eq(t_pre.valid)]
+            m.d.sync += [acc_first[o].eq(tk[st["acc"] - 1].first),
+                         acc_en[o].eq(tk[st["acc"] - 1].valid)]
 
         for o in range(k):
             mac = MacTree(k, mantissa_bits=cfg.mantissa_bits,
@@ -232,7 +231,7 @@ class ConvEngine(wiring.Component):
                 aln.d.eq(align_r[o]),
                 acc.i.eq(aln.o),
                 acc.bias.eq(bias_r[o]),
-                acc.last.eq(acc_last[o]),
+                acc.first.eq(acc_first[o]),
                 acc.en.eq(acc_en[o]),
                 rq_acc.i.eq(acc.o),
                 rq_acc.shift.eq(quant_r[o].acc),

@@ -285,7 +285,7 @@ class DualEngine(wiring.Component):
                 aln.d.eq(self.align.data[t_al.lane[r]]),
                 acc.i.eq(aln.o),
                 acc.bias.eq(0),
-                acc.last.eq(t_acc.valid & t_acc.last),
+                acc.first.eq(t_acc.first),
                 acc.en.eq(t_acc.valid),
                 lsbuf.wdata[r].eq(acc.o),
             ]

