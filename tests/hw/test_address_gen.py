@@ -39,6 +39,44 @@ def model(h, w, cw, t, kh, kw, stride, pad):
     return ho, wo, steps
 
 
+def layer_desc(h, w, cw, t, kh, kw, stride, pad, ho, wo):
+    """The layer descriptor of one conv (no activation, no residual)."""
+    return desc_layout(CFG).const({
+        "height": h, "width": w, "out_height": ho, "out_width": wo, "in_words": cw,
+        "out_tiles": t, "kernel_h": kh, "kernel_w": kw, "stride": stride, "pad": pad,
+        "act": 0, "clamp_max": 0, "residual": 0})
+
+
+async def issue_layer(ctx, dut, desc, n_steps):
+    """Start ``desc`` and record its issued steps (in :func:`model`'s format) until the token
+    goes invalid again, or, for a sequencer that never stops, well past ``n_steps``.
+    Returns (steps, cycle of the first step after start, busy after the last step)."""
+    ctx.set(dut.desc, desc)
+    ctx.set(dut.start, 1)
+    await ctx.tick()
+    ctx.set(dut.start, 0)
+    got, first_cycle, cyc = [], None, 0
+    while True:
+        tok = dut.token
+        if ctx.get(tok.valid):
+            if not got:
+                first_cycle = cyc
+            pad_ = ctx.get(tok.pad)
+            got.append(dict(
+                act=None if pad_ else ctx.get(dut.act_addr), pad=pad_,
+                wgt=ctx.get(dut.wgt_addr), first=ctx.get(tok.first), last=ctx.get(tok.last),
+                tile=ctx.get(tok.tile), align=ctx.get(tok.align_addr), out=ctx.get(tok.out_addr)))
+            if ctx.get(tok.final):
+                got[-1]["final"] = 1
+        elif got:
+            break
+        if cyc > SETUP_CYCLES + 2 * n_steps + 10:     # a sequencer that never stops
+            break
+        await ctx.tick()
+        cyc += 1
+    return got, first_cycle, ctx.get(dut.busy)
+
+
 @pytest.mark.parametrize("h, w, cw, t, kh, kw, stride, pad", [
     (5, 6, 2, 2, 3, 3, 1, 1),
     (7, 5, 1, 3, 3, 3, 2, 1),
@@ -52,83 +90,44 @@ def model(h, w, cw, t, kh, kw, stride, pad):
 def test_sequence(h, w, cw, t, kh, kw, stride, pad):
     ho, wo, exp = model(h, w, cw, t, kh, kw, stride, pad)
     dut = AddressGen(CFG)
-    desc = desc_layout(CFG).const({
-        "height": h, "width": w, "out_height": ho, "out_width": wo, "in_words": cw,
-        "out_tiles": t, "kernel_h": kh, "kernel_w": kw, "stride": stride, "pad": pad,
-        "act": 0, "clamp_max": 0, "residual": 0})
-    got = []
-    timing = {}
+    result = {}
 
     async def bench(ctx):
-        ctx.set(dut.desc, desc)
-        ctx.set(dut.start, 1)
-        await ctx.tick()
-        ctx.set(dut.start, 0)
-        cyc = 0
-        while True:
-            tok = dut.token
-            if ctx.get(tok.valid):
-                if not got:
-                    timing["first"] = cyc
-                pad_ = ctx.get(tok.pad)
-                got.append(dict(
-                    act=None if pad_ else ctx.get(dut.act_addr), pad=pad_,
-                    wgt=ctx.get(dut.wgt_addr), first=ctx.get(tok.first), last=ctx.get(tok.last),
-                    tile=ctx.get(tok.tile), align=ctx.get(tok.align_addr), out=ctx.get(tok.out_addr)))
-                if ctx.get(tok.final):
-                    got[-1]["final"] = 1
-            elif got:
-                break
-            if cyc > SETUP_CYCLES + 2 * len(exp) + 10:     # a sequencer that never stops
-                break
-            await ctx.tick()
-            cyc += 1
-        timing["busy_after"] = ctx.get(dut.busy)
+        result["run"] = await issue_layer(
+            ctx, dut, layer_desc(h, w, cw, t, kh, kw, stride, pad, ho, wo), len(exp))
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
-    assert timing["first"] == SETUP_CYCLES
+    got, first_cycle, busy_after = result["run"]
+    assert first_cycle == SETUP_CYCLES
     for i, (g, e) in enumerate(zip(got, exp)):
         assert g == e, f"step {i}: {g} != {e}"
     assert len(got) == len(exp)
-    assert timing["busy_after"] == 0
+    assert busy_after == 0
 
 
 def test_back_to_back_layers():
-    """A layer started right after another (1x1 kernels, a single step per output, then a
-    padded 3x3 and the first again) issues exactly its own sequence: nothing of the previous
-    layer's loop state (the outer loops' end flags included) leaks into the next."""
+    """A layer started right after another (a 1x1 conv with 3 words per pixel, a padded
+    strided 2x2 with 3 tiles, a 1x1 of one step per output, the first again) issues exactly
+    its own sequence: nothing of the previous layer's loop state leaks into the next."""
     layers = [(4, 4, 3, 1, 1, 1, 1, 0), (3, 4, 2, 3, 2, 2, 2, 1), (2, 2, 1, 1, 1, 1, 1, 0),
               (4, 4, 3, 1, 1, 1, 1, 0)]
     dut = AddressGen(CFG)
     runs = []
 
     async def bench(ctx):
-        for h, w, cw, t, kh, kw, stride, pad in layers:
-            ho, wo, exp = model(h, w, cw, t, kh, kw, stride, pad)
-            ctx.set(dut.desc, desc_layout(CFG).const({
-                "height": h, "width": w, "out_height": ho, "out_width": wo, "in_words": cw,
-                "out_tiles": t, "kernel_h": kh, "kernel_w": kw, "stride": stride, "pad": pad,
-                "act": 0, "clamp_max": 0, "residual": 0}))
-            ctx.set(dut.start, 1)
-            await ctx.tick()
-            ctx.set(dut.start, 0)
-            got = []
-            for _ in range(SETUP_CYCLES + len(exp) + 3):
-                if ctx.get(dut.token.valid):
-                    got.append((ctx.get(dut.token.tile), ctx.get(dut.token.out_addr),
-                                ctx.get(dut.wgt_addr), ctx.get(dut.token.last),
-                                ctx.get(dut.token.final)))
-                await ctx.tick()
-            runs.append((got, [(e["tile"], e["out"], e["wgt"], e["last"], e.get("final", 0))
-                               for e in exp], ctx.get(dut.busy)))
+        for shape in layers:
+            ho, wo, exp = model(*shape)
+            runs.append((await issue_layer(ctx, dut, layer_desc(*shape, ho, wo), len(exp)),
+                         exp))
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
-    for n, (got, exp, busy) in enumerate(runs):
+    for n, ((got, first_cycle, busy_after), exp) in enumerate(runs):
+        assert first_cycle == SETUP_CYCLES, f"layer {n}"
         assert got == exp, f"layer {n}"
-        assert busy == 0, f"layer {n}"
+        assert busy_after == 0, f"layer {n}"
