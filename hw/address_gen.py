@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -12,9 +12,9 @@ from .types import addr_width, desc_layout
 __all__ = ["AddressGen", "token_layout", "SETUP_CYCLES"]
 
 #: cycles between ``start`` and the first issued step: 6 registered stages (descriptor
-#: products in two shift-add stages, their second-level products in two more with the
-#: "minus one" limits, the kernel origin, the origin of the next pixel / row), plus the
-#: registered step kind in front of the activation-address stage
+#: products in two shift-add stages, their second-level products (and the steps of an output
+#: word) in two more, the kernel origin and the word's loop limits, the loop registers
+#: loaded from them), plus the registered step kind in front of the activation-address stage
 SETUP_CYCLES = 7
 
 
@@ -58,6 +58,12 @@ class AddressGen(wiring.Component):
     one addition ahead, so a step only adds +1 or ``row_skip`` to the activation address, +1
     to a coordinate, or selects among registers. The weight address runs
     ``((t*kh + ky)*kw + kx)*CW + cw``, i.e. +1 per step, back to 0 at each new pixel.
+
+    The setup registers run whenever the generator is idle (the descriptor is held from
+    ``start`` on) and, while idle, the loop registers load from them; ``start`` only starts a
+    one-hot shift register that sets ``run`` :data:`SETUP_CYCLES` - 1 cycles later. So no
+    state decode reaches the step loop: each loop register's enable and select read ``run``
+    and at most four loop flags.
 
     Two stages: the loop counters and their flags decide each step's kind (next word, next kx,
     next ky, next tile, next pixel, next row) into a one-hot register; one cycle later the
@@ -122,7 +128,12 @@ class AddressGen(wiring.Component):
         aw = signed(bits_for(span) + kbits + bits_for(cfg.max_stride) + 2)
         pos_w = signed(bits_for(cfg.max_dim) + kbits + 2)
 
-        # setup products (shift-add, two registered stages each)
+        # The setup pipeline runs whenever the generator is idle: every setup register below
+        # follows the descriptor (held constant from ``start`` on), and while ``run`` is low
+        # the loop registers follow the setup registers. ``start`` only times the first step
+        # (a one-hot shift register of SETUP_CYCLES - 1 stages), so no FSM state decode
+        # reaches the step loop's enables.
+        # stage 1 -> 2: descriptor products (shift-add, two registered stages each)
         wcw_1, wcw_2, wcw = _shift_add(d.in_words, d.width,
                                        unsigned(bits_for(cfg.max_dim * cfg.max_in_words)), "wcw")
         kwcw_1, kwcw_2, kwcw = _shift_add(
@@ -132,17 +143,19 @@ class AddressGen(wiring.Component):
             "pix_step")
         pcw_1, pcw_2, pad_cw = _shift_add(
             d.in_words, d.pad, unsigned(bits_for(cfg.max_kernel * cfg.max_in_words)), "pad_cw")
+        # stage 3 -> 4: second-level products
         pwcw_1, pwcw_2, pad_wcw = _shift_add(
             wcw, d.pad, unsigned(bits_for(cfg.max_kernel * cfg.max_dim * cfg.max_in_words)),
             "pad_wcw")
         rstep_1, rstep_2, row_step = _shift_add(
             wcw, d.stride, unsigned(bits_for(cfg.max_stride * cfg.max_dim * cfg.max_in_words)),
             "row_step")
+        word_w = unsigned(bits_for(cfg.max_kernel * cfg.max_kernel * cfg.max_in_words))
+        spw_1, spw_2, word_steps = _shift_add(kwcw, d.kernel_h, word_w, "word_steps")
         row_skip = Signal(aw)
         # "minus one" limits, registered once
         cw_max = Signal.like(d.in_words)
         kx_max = Signal.like(d.kernel_w)
-        ky_max = Signal.like(d.kernel_h)
         t_max = Signal.like(d.out_tiles)
         ox_max = Signal.like(d.out_width)
         oy_max = Signal.like(d.out_height)
@@ -151,9 +164,9 @@ class AddressGen(wiring.Component):
         oy = Signal.like(d.out_height)
         ox = Signal.like(d.out_width)
         t = Signal.like(d.out_tiles)
-        ky = Signal.like(d.kernel_h)
         kx = Signal.like(d.kernel_w)
         cw = Signal.like(d.in_words)
+        s = Signal(word_w)       # step within the output word: (ky*kw + kx)*CW + cw
         iy_row = Signal(pos_w)   # oy*stride - pad
         ix_pix = Signal(pos_w)   # ox*stride - pad
         iy_row_next = Signal(pos_w)  # iy_row + stride, kept one step ahead
@@ -163,7 +176,6 @@ class AddressGen(wiring.Component):
         iy = Signal(pos_w)       # iy_row + ky
         ix = Signal(pos_w)       # ix_pix + kx
         a_addr = Signal(aw)      # (iy*W + ix)*CW + cw
-        row_inc = Signal()       # next step's a_addr increment is row_skip (last_cw & last_kx), else 1
         origin = Signal(aw)      # -(pad*W + pad)*CW: kernel origin of the first pixel
         pix_addr = Signal(aw)    # kernel origin of this pixel
         pix_next = Signal(aw)    # pix_addr + pix_step, kept one step ahead
@@ -172,15 +184,19 @@ class AddressGen(wiring.Component):
         al_base = Signal.like(self.wgt_addr)   # t*CW
         al_addr = Signal.like(self.wgt_addr)   # t*CW + cw
         o_addr = Signal(unsigned(addr_width(cfg.out_depth)))
-        first = Signal()         # cw == kx == ky == 0
-        run = Signal()           # issuing steps (the FSM's RUN state, as one flip-flop)
-        tile_end = Signal()      # last & last_t: this step ends the last tile of a pixel
+        first = Signal()         # first step of an output word
+        run = Signal()           # issuing steps
+        setup = Signal(SETUP_CYCLES - 1)   # one-hot: the setup stage after ``start``
 
         # Each loop counter c carries a registered flag last_c = (c == c_max), updated with
         # the counter from "c == c_max - 1" (on increment) or "c_max == 0" (on wrap), so the
-        # loop decisions below are flip-flop outputs, not comparator chains.
-        counters = {"cw": (cw, cw_max), "kx": (kx, kx_max), "ky": (ky, ky_max),
-                    "t": (t, t_max), "ox": (ox, ox_max), "oy": (oy, oy_max)}
+        # loop decisions below are flip-flop outputs, not comparator chains. The kernel loops
+        # (ky, kx, cw) are counted twice: ``s`` runs over the whole output word, so "last step
+        # of the word" is its flag alone; ``cw`` and ``kx`` give the kernel-row structure of
+        # the addresses, and they wrap at a word's end by themselves (its last step has
+        # cw = CW - 1 and kx = kw - 1), so none of them needs the word-end decision.
+        counters = {"s": (s, Signal(word_w, name="s_max")), "cw": (cw, cw_max),
+                    "kx": (kx, kx_max), "t": (t, t_max), "ox": (ox, ox_max), "oy": (oy, oy_max)}
         # Likewise pen_c = (c == c_max - 1), so the "is last after this step" inputs of the flag
         # updates are flip-flops too. pen_c is updated from "c == c_max - 2" or "c_max == 1";
         # that comparison is a flip-flop as well: a down-counter down_c = c_max - 3 - c runs
@@ -194,43 +210,107 @@ class AddressGen(wiring.Component):
         max_z = {n: Signal(name=f"{n}_max_zero") for n in counters}
         max_one = {n: Signal(name=f"{n}_max_one") for n in counters}
 
-        def incr(n):
+        def step(n, wrap_cond):
+            """Counter ``n`` advances: back to 0 where ``wrap_cond`` (or while idle, which
+            loads it for the next layer), else up by 1 (a 2:1 select of registers)."""
             c, _ = counters[n]
-            return [c.eq(c + 1), down[n].eq(down[n] - 1), last_f[n].eq(pen_f[n]),
-                    pen_f[n].eq(down[n][-1])]
+            w = wrap_cond | ~run
+            return [c.eq(Mux(w, 0, c + 1)), down[n].eq(Mux(w, max_m3[n], down[n] - 1)),
+                    last_f[n].eq(Mux(w, max_z[n], pen_f[n])),
+                    pen_f[n].eq(Mux(w, max_one[n], down[n][-1]))]
 
-        def wrap(n):
-            c, _ = counters[n]
-            return [c.eq(0), down[n].eq(max_m3[n]), last_f[n].eq(max_z[n]),
-                    pen_f[n].eq(max_one[n])]
-
-        last_cw, last_kx, last_ky = last_f["cw"], last_f["kx"], last_f["ky"]
+        last_cw, last_kx = last_f["cw"], last_f["kx"]
         last_t, last_ox, last_oy = last_f["t"], last_f["ox"], last_f["oy"]
-        # last = last_cw & last_kx & last_ky, itself a flag updated with the three
-        last = Signal()
+        last = last_f["s"]            # last step of an output word
+        tile_end = last & last_t      # ... and of the pixel's last tile
 
-        def inc_for(ky_step):
-            """``row_inc`` for the flags last_cw & last_kx = ``ky_step`` after this cycle: one
-            flip-flop (the step decode drives one bit, not an address-wide mux), turned into
-            the increment by a 2:1 select of registers into ``a_inc_r``, so no flag decode
-            sits in front of the address adder."""
-            return row_inc.eq(ky_step)
+        # setup pipeline (always running; see above)
+        m.d.sync += [
+            # stage 1
+            *wcw_1, *kwcw_1, *pix_1, *pcw_1,
+            neg_pad.eq(-d.pad), neg_pad_next.eq(d.stride - d.pad),
+            cw_max.eq(d.in_words - 1), kx_max.eq(d.kernel_w - 1), t_max.eq(d.out_tiles - 1),
+            ox_max.eq(d.out_width - 1), oy_max.eq(d.out_height - 1),
+            # stage 2
+            *wcw_2, *kwcw_2, *pix_2, *pcw_2,
+            # stage 3
+            *pwcw_1, *rstep_1, *spw_1, row_skip.eq(wcw - kwcw + 1),
+            # stage 4
+            *pwcw_2, *rstep_2, *spw_2,
+            # stage 5
+            origin.eq(-(pad_wcw + pad_cw)),
+            counters["s"][1].eq(word_steps - 1),
+            max_m3["s"].eq(word_steps - 4), max_z["s"].eq(word_steps == 1),
+            max_one["s"].eq(word_steps == 2),
+        ]
+        for n, (_, cmax) in counters.items():
+            if n != "s":     # stage 2 (the word's steps are known at stage 5, directly)
+                m.d.sync += [max_m3[n].eq(cmax - 3),
+                             max_z[n].eq(cmax == 0), max_one[n].eq(cmax == 1)]
+
+        # start: the setup stages, then ``run`` (SETUP_CYCLES after ``start``)
+        m.d.comb += self.busy.eq(setup.any() | run)
+        m.d.sync += setup.eq(Cat(self.start & ~self.busy, setup[:-1]))
+        with m.If(setup[-1]):
+            m.d.sync += run.eq(1)
+
+        # stage 1: the loop counters and flags. Every decision reads flip-flops only (``run``
+        # and the per-counter ``last_*`` flags, at most five of them); while idle they load
+        # the next layer's starting values.
+        m.d.sync += [*step("s", last), *step("cw", last_cw)]
+        with m.If(last_cw | ~run):
+            m.d.sync += step("kx", last_kx)
+        with m.If(last | ~run):
+            m.d.sync += step("t", last_t)
+        with m.If(tile_end | ~run):
+            m.d.sync += step("ox", last_ox)
+        with m.If(tile_end & last_ox | ~run):
+            m.d.sync += step("oy", last_oy)
+        with m.If(run & tile_end & last_ox & last_oy):
+            m.d.sync += run.eq(0)
+        m.d.sync += first.eq(last | ~run)
+        with m.If(~run):
+            m.d.sync += [w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0)]
+        with m.Else():
+            m.d.sync += w_addr.eq(Mux(tile_end, 0, w_addr + 1))
+            with m.If(last):
+                m.d.sync += o_addr.eq(o_addr + 1)
+            with m.If(~last_cw):
+                m.d.sync += al_addr.eq(al_addr + 1)
+            with m.Elif(~last):
+                m.d.sync += al_addr.eq(al_base)
+            with m.Elif(~last_t):
+                # the last step of a tile has cw = CW - 1, so the next tile's base
+                # t*CW + CW is al_addr + 1: no descriptor operand on this adder
+                m.d.sync += [al_base.eq(al_addr + 1), al_addr.eq(al_addr + 1)]
+            with m.Else():
+                m.d.sync += [al_base.eq(0), al_addr.eq(0)]
 
         # stage 2: the activation-address and input-coordinate registers follow the registered
         # step kind (one-hot: next word / next kx / next ky / next tile / next pixel / next row)
-        k_inc, k_kx, k_ky, k_tile, k_ox, k_oy = (
-            Signal(name=f"kind_{n}") for n in ("inc", "kx", "ky", "tile", "ox", "oy"))
+        # (plus "idle": the cycle after a cycle without a step, which loads the first pixel's
+        # origin; one cycle late, so it never meets another kind)
+        k_idle, k_inc, k_kx, k_ky, k_tile, k_ox, k_oy = (
+            Signal(name=f"kind_{n}") for n in ("idle", "inc", "kx", "ky", "tile", "ox", "oy"))
         a_inc_r = Signal(aw)
         token = Signal.like(self.token)
         token_r = Signal.like(self.token)
         m.d.sync += [token_r.eq(token), self.wgt_addr.eq(w_addr),
-                     a_inc_r.eq(Mux(row_inc, row_skip, 1)),
+                     # the next step's address increment: a kernel row's end skips to the
+                     # next row (one LUT per bit: two flags and the row_skip bit)
+                     a_inc_r.eq(Mux(last_cw & last_kx, row_skip, 1)),
+                     k_idle.eq(~run),
                      k_inc.eq(run & ~last),
                      k_kx.eq(run & ~last & last_cw & ~last_kx),
                      k_ky.eq(run & ~last & last_cw & last_kx),
-                     k_tile.eq(run & last & ~tile_end),
-                     k_ox.eq(run & last & tile_end & ~last_ox),
-                     k_oy.eq(run & last & tile_end & last_ox & ~last_oy)]
+                     k_tile.eq(run & last & ~last_t),
+                     k_ox.eq(run & tile_end & ~last_ox),
+                     k_oy.eq(run & tile_end & last_ox & ~last_oy)]
+        with m.If(k_idle):
+            m.d.sync += [a_addr.eq(origin), pix_addr.eq(origin),
+                         pix_next.eq(origin + pix_step), row_next.eq(origin + row_step),
+                         iy_row.eq(neg_pad), ix_pix.eq(neg_pad), iy.eq(neg_pad), ix.eq(neg_pad),
+                         iy_row_next.eq(neg_pad_next), ix_pix_next.eq(neg_pad_next)]
         with m.If(k_inc):
             m.d.sync += a_addr.eq(a_addr + a_inc_r)
         with m.If(k_kx):
@@ -265,109 +345,4 @@ class AddressGen(wiring.Component):
             token.align_addr.eq(al_addr),
             token.out_addr.eq(o_addr),
         ]
-
-        with m.FSM():
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.next = "SETUP1"
-            with m.State("SETUP1"):
-                m.d.comb += self.busy.eq(1)
-                m.d.sync += [*wcw_1, *kwcw_1, *pix_1, *pcw_1]
-                m.d.sync += [
-                    neg_pad.eq(-d.pad), neg_pad_next.eq(d.stride - d.pad),
-                    cw_max.eq(d.in_words - 1),
-                    kx_max.eq(d.kernel_w - 1),
-                    ky_max.eq(d.kernel_h - 1),
-                    t_max.eq(d.out_tiles - 1),
-                    ox_max.eq(d.out_width - 1),
-                    oy_max.eq(d.out_height - 1),
-                ]
-                m.next = "SETUP2"
-            with m.State("SETUP2"):
-                m.d.comb += self.busy.eq(1)
-                m.d.sync += [*wcw_2, *kwcw_2, *pix_2, *pcw_2]
-                for n, (_, cmax) in counters.items():
-                    m.d.sync += [max_m3[n].eq(cmax - 3),
-                                 max_z[n].eq(cmax == 0), max_one[n].eq(cmax == 1)]
-                m.next = "SETUP3"
-            with m.State("SETUP3"):
-                m.d.comb += self.busy.eq(1)
-                m.d.sync += [*pwcw_1, *rstep_1, row_skip.eq(wcw - kwcw + 1)]
-                m.next = "SETUP4"
-            with m.State("SETUP4"):
-                m.d.comb += self.busy.eq(1)
-                m.d.sync += [*pwcw_2, *rstep_2]
-                m.next = "SETUP5"
-            with m.State("SETUP5"):
-                m.d.comb += self.busy.eq(1)
-                m.d.sync += [
-                    origin.eq(-(pad_wcw + pad_cw)),
-                    oy.eq(0), ox.eq(0), t.eq(0), ky.eq(0), kx.eq(0), cw.eq(0), first.eq(1),
-                    iy_row.eq(neg_pad), ix_pix.eq(neg_pad), iy.eq(neg_pad), ix.eq(neg_pad),
-                    iy_row_next.eq(neg_pad_next), ix_pix_next.eq(neg_pad_next),
-                    w_addr.eq(0), al_base.eq(0), al_addr.eq(0), o_addr.eq(0),
-                ]
-                m.d.sync += [last_f[n].eq(max_z[n]) for n in counters]
-                m.d.sync += [pen_f[n].eq(max_one[n]) for n in counters]
-                m.d.sync += [down[n].eq(max_m3[n]) for n in counters]
-                m.d.sync += inc_for(max_z["cw"] & max_z["kx"])
-                m.d.sync += [last.eq(max_z["cw"] & max_z["kx"] & max_z["ky"]),
-                             tile_end.eq(max_z["cw"] & max_z["kx"] & max_z["ky"] & max_z["t"])]
-                m.next = "SETUP6"
-            with m.State("SETUP6"):
-                m.d.comb += self.busy.eq(1)
-                # the origin is registered first: the address registers load a flip-flop,
-                # not the two additions behind it
-                m.d.sync += [a_addr.eq(origin), pix_addr.eq(origin),
-                             pix_next.eq(origin + pix_step), row_next.eq(origin + row_step),
-                             run.eq(1)]
-                m.next = "RUN"
-            with m.State("RUN"):
-                m.d.comb += self.busy.eq(1)
-                with m.If(run & last & last_t & last_ox & last_oy):
-                    m.next = "IDLE"
-
-        # The step loop, outside the FSM: every decision below reads flip-flops only (``run``,
-        # ``last``, ``tile_end`` and the per-counter ``last_*`` flags), so no state decoding
-        # or flag AND-chain sits in front of the address registers' enables.
-        with m.If(run):
-            m.d.sync += [w_addr.eq(w_addr + 1), first.eq(0)]
-            with m.If(~last):
-                with m.If(~last_cw):
-                    new_last = pen_f["cw"] & last_kx & last_ky
-                    m.d.sync += [*incr("cw"), al_addr.eq(al_addr + 1),
-                                 inc_for(pen_f["cw"] & last_kx),
-                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
-                with m.Elif(~last_kx):
-                    new_last = max_z["cw"] & pen_f["kx"] & last_ky
-                    m.d.sync += [*wrap("cw"), *incr("kx"),
-                                 al_addr.eq(al_base),
-                                 inc_for(max_z["cw"] & pen_f["kx"]),
-                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
-                with m.Else():
-                    new_last = max_z["cw"] & max_z["kx"] & pen_f["ky"]
-                    m.d.sync += [*wrap("cw"), *wrap("kx"), *incr("ky"), al_addr.eq(al_base),
-                                 inc_for(max_z["cw"] & max_z["kx"]),
-                                 last.eq(new_last), tile_end.eq(new_last & last_t)]
-            with m.Else():
-                kernel_z = max_z["cw"] & max_z["kx"] & max_z["ky"]
-                m.d.sync += [*wrap("cw"), *wrap("kx"), *wrap("ky"), first.eq(1),
-                             o_addr.eq(o_addr + 1), last.eq(kernel_z),
-                             inc_for(max_z["cw"] & max_z["kx"])]
-                with m.If(~tile_end):
-                    # the last step of a tile has cw = CW - 1, so the next tile's base
-                    # t*CW + CW is al_addr + 1: no descriptor operand on this adder
-                    m.d.sync += [*incr("t"),
-                                 al_base.eq(al_addr + 1),
-                                 al_addr.eq(al_addr + 1),
-                                 tile_end.eq(kernel_z & pen_f["t"])]
-                with m.Else():
-                    m.d.sync += [*wrap("t"), al_base.eq(0), al_addr.eq(0), w_addr.eq(0),
-                                 tile_end.eq(kernel_z & max_z["t"])]
-                    with m.If(~last_ox):
-                        m.d.sync += incr("ox")
-                    with m.Elif(~last_oy):
-                        m.d.sync += [*wrap("ox"), *incr("oy")]
-                    with m.Else():
-                        m.d.sync += run.eq(0)
         return m

@@ -203,9 +203,11 @@ class ConvEngine(wiring.Component):
         out_shift_d = [Signal(shift_shape(cfg), name=f"out_shift_d{o}") for o in range(k)]
 
         # each lane registers its own copy of the accumulator controls (kept apart in synthesis,
-        # gen/fpga.py): one shared flag would fan out to K x acc_bits mux and enable inputs
-        acc_first = [Signal(name=f"lane_first{o}") for o in range(k)]
-        acc_en = [Signal(name=f"lane_en{o}") for o in range(k)]
+        # gen/fpga.py): one shared flag would fan out to K x acc_bits mux and enable inputs.
+        # The copies have no reset (the token register behind them has one), so each is fed by
+        # that flip-flop directly, not through a shared reset gate the placer packs a copy with.
+        acc_first = [Signal(name=f"lane_first{o}", reset_less=True) for o in range(k)]
+        acc_en = [Signal(name=f"lane_en{o}", reset_less=True) for o in range(k)]
         for o in range(k):
             m.d.sync += [acc_first[o].eq(tk[st["acc"] - 1].first),
                          acc_en[o].eq(tk[st["acc"] - 1].valid)]
