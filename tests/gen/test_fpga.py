@@ -233,6 +233,27 @@ def test_flow_plumbing_with_fake_tools_and_cache(monkeypatch, tmp_path, stub_emi
     assert again["cached"] and again["fmax_mhz"] == res["fmax_mhz"]
 
 
+def test_placer_timing_weight_reaches_nextpnr_and_the_cache_key(monkeypatch, tmp_path,
+                                                               stub_emit):
+    """nextpnr gets ``--placer-heap-timingweight`` from the options (25 by default, where
+    nextpnr's own 10 let the address generator spread), and a run with another weight is
+    another cache entry, not a hit."""
+    _fake_tools(monkeypatch, tmp_path,
+                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
+                f'echo "$@" >> {tmp_path / "args.txt"}; '
+                f'cp {DATA / "nextpnr_act_report.json"} report.json; '
+                f'cp {DATA / "nextpnr_pe4_shallow.log"} nextpnr.log')
+    res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=tmp_path / "cache"))
+    assert res["timing_weight"] == 25
+    res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=tmp_path / "cache",
+                                     timing_weight=10))
+    assert not res["cached"] and res["timing_weight"] == 10
+    calls = (tmp_path / "args.txt").read_text().splitlines()
+    assert len(calls) == 2
+    assert "--placer-heap-timingweight 25" in calls[0]
+    assert "--placer-heap-timingweight 10" in calls[1]
+
+
 def _abc9_trips_unless(marker: str) -> str:
     """A fake yosys that fails as yosys 0.70's abc9 reintegration assertion does unless its
     script contains ``marker``; every script it was given is appended to scripts.txt."""
