@@ -185,7 +185,8 @@ class AddressGen(wiring.Component):
         al_addr = Signal.like(self.wgt_addr)   # t*CW + cw
         o_addr = Signal(unsigned(addr_width(cfg.out_depth)))
         first = Signal()         # first step of an output word
-        run = Signal()           # issuing steps
+        run = Signal()           # issuing steps (and the cycle after the last one)
+        done = Signal()          # the cycle after the layer's last step
         setup = Signal(SETUP_CYCLES - 1)   # one-hot: the setup stage after ``start``
 
         # Each loop counter c carries a registered flag last_c = (c == c_max), updated with
@@ -249,7 +250,7 @@ class AddressGen(wiring.Component):
                              max_z[n].eq(cmax == 0), max_one[n].eq(cmax == 1)]
 
         # start: the setup stages, then ``run`` (SETUP_CYCLES after ``start``)
-        m.d.comb += self.busy.eq(setup.any() | run)
+        m.d.comb += self.busy.eq(setup.any() | (run & ~done))
         m.d.sync += setup.eq(Cat(self.start & ~self.busy, setup[:-1]))
         with m.If(setup[-1]):
             m.d.sync += run.eq(1)
@@ -266,7 +267,11 @@ class AddressGen(wiring.Component):
             m.d.sync += step("ox", last_ox)
         with m.If(tile_end & last_ox | ~run):
             m.d.sync += step("oy", last_oy)
-        with m.If(run & tile_end & last_ox & last_oy):
+        # the layer's last step sets ``done``, which clears ``run`` a cycle later (a flip-flop,
+        # not the five-flag decode, on ``run``'s reset): the extra cycle issues no step (its
+        # token is not valid), and every counter has wrapped to its idle value by then
+        m.d.sync += done.eq(run & tile_end & last_ox & last_oy)
+        with m.If(done):
             m.d.sync += run.eq(0)
         m.d.sync += first.eq(last | ~run)
         with m.If(~run):
@@ -340,7 +345,7 @@ class AddressGen(wiring.Component):
             token.first.eq(first),
             token.last.eq(last),
             token.final.eq(tile_end & last_ox & last_oy),
-            token.valid.eq(run),
+            token.valid.eq(run & ~done),
             token.tile.eq(t),
             token.align_addr.eq(al_addr),
             token.out_addr.eq(o_addr),

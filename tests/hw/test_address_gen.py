@@ -86,6 +86,7 @@ async def issue_layer(ctx, dut, desc, n_steps):
     (6, 6, 2, 1, 1, 1, 2, 0),
     (3, 4, 2, 3, 2, 2, 2, 1),    # every loop limit 1 or 2 (the "one before last" flags)
     (4, 5, 3, 2, 2, 3, 1, 0),
+    (1, 1, 1, 1, 1, 1, 1, 0),    # a single step: the layer's first step is its last
 ])
 def test_sequence(h, w, cw, t, kh, kw, stride, pad):
     ho, wo, exp = model(h, w, cw, t, kh, kw, stride, pad)
