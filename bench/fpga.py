@@ -100,7 +100,8 @@ def main() -> int:
     args = p.parse_args()
     opts = FpgaOptions(device=args.device, freq_mhz=args.freq, memories=args.memories,
                        speed=args.speed, timeout_s=args.timeout, seed=args.seed,
-                       timing_weight=args.timing_weight, cache_dir=None if args.no_cache else ROOT / "build/cache/fpga")
+                       timing_weight=args.timing_weight,
+                       cache_dir=None if args.no_cache else ROOT / "build/cache/fpga")
     t0 = time.perf_counter()
     rows: list[dict] = []
     comps: list[dict] = []

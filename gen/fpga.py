@@ -818,7 +818,8 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
         pnr = r["pnr"] or {}
         summary = _summarise(macs_per_cycle, device, r["pnr"], r["yosys_cells"])
         res = {"ok": r["ok"], "cached": False, "device": device.name,
-               "speed_grade": opts.speed, "freq_target_mhz": opts.freq_mhz, "seed": opts.seed, "timing_weight": opts.timing_weight,
+               "speed_grade": opts.speed, "freq_target_mhz": opts.freq_mhz, "seed": opts.seed,
+               "timing_weight": opts.timing_weight,
                **summary, "timing_met": (summary["fmax_mhz"] is not None
                                          and summary["fmax_mhz"] >= opts.freq_mhz),
                "yosys_cells": r["yosys_cells"], "utilization": pnr.get("utilization", {}),
