@@ -61,9 +61,11 @@ class AddressGen(wiring.Component):
 
     The setup registers run whenever the generator is idle (the descriptor is held from
     ``start`` on) and, while idle, the loop registers load from them; ``start`` only starts a
-    one-hot shift register that sets ``run`` :data:`SETUP_CYCLES` - 1 cycles later. So no
-    state decode reaches the step loop: each loop register's enable and select read ``run``
-    and at most four loop flags.
+    one-hot shift register that sets ``run`` :data:`SETUP_CYCLES` - 1 cycles later, and the
+    layer's last step sets a ``done`` flip-flop that clears ``run`` one cycle later (a cycle
+    that issues no valid step; ``busy`` already drops in it). So no state decode reaches the
+    step loop: each loop register's enable and select read ``run`` and at most four loop
+    flags.
 
     Two stages: the loop counters and their flags decide each step's kind (next word, next kx,
     next ky, next tile, next pixel, next row) into a one-hot register; one cycle later the
