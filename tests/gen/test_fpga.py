@@ -15,9 +15,9 @@ import pytest
 
 from dynacc.gen import fpga
 from dynacc.gen.fpga import (DEVICES, FpgaOptions, bram_blocks, critical_path_summary, dsp_lanes,
-                             fpga_dict, fpga_markdown, layer_cycles_for, memory_needs,
-                             model_performance, parse_nextpnr_log, parse_nextpnr_report,
-                             parse_yosys_log, run_flow)
+                             fpga_dict, fpga_markdown, late_endpoints, layer_cycles_for,
+                             memory_needs, model_performance, parse_nextpnr_log,
+                             parse_nextpnr_report, parse_yosys_log, run_flow)
 from dynacc.hw.config import HwConfig, load_named
 from dynacc.hw.cycles import conv_cycles
 
@@ -41,6 +41,47 @@ def test_parse_nextpnr_report_json():
     assert cp["delay_ns"] == pytest.approx(1e3 / 245.28, rel=0.02)
     assert cp["logic_ns"] + cp["routing_ns"] == pytest.approx(cp["delay_ns"], abs=1e-3)
     assert cp["start_cell"].startswith("dut.") and cp["components"] == ["top"]  # dut = the datapath
+
+
+def test_late_endpoints_per_component_from_the_16x16_seed_2_run():
+    """The 16×16 engine's seed-2 run (127.5 MHz; its report trimmed to the nets with an
+    endpoint later than 6.3 ns): 29 register and memory inputs arrive after 6.667 ns, the
+    bias memory's address worst; ``parse_nextpnr_report`` takes the period from the clock
+    constraint."""
+    rep = json.loads((DATA / "nextpnr_16x16_seed2_late.json").read_text())
+    late = parse_nextpnr_report(rep)["late_endpoints"]
+    assert late["period_ns"] == pytest.approx(1000 / 150, abs=1e-3)
+    assert late["endpoints"] == 29
+    assert [(c["component"], c["endpoints"], c["worst_ns"]) for c in late["components"]] == [
+        ("mem_bias", 6, 7.638), ("rqa0", 10, 7.06), ("acc12", 8, 6.916), ("rqa9", 1, 6.831),
+        ("agen", 3, 6.73), ("act9", 1, 6.7)]
+    assert late["components"][0]["worst_endpoint"] == "mem_bias.0.1.ADB8"
+    # the worst endpoint is the critical path's end (whose 7.84 ns include the 0.2 ns setup)
+    assert parse_nextpnr_report(rep)["critical_path"]["end_cell"] == "mem_bias.0.1"
+    at7 = late_endpoints(rep, 7.0, limit=1)   # the bias memory's six address inputs and rqa0's
+    assert at7["endpoints"] == 7                # 7.06 ns shift input; only the worst one listed
+    assert [(c["component"], c["endpoints"]) for c in at7["components"]] == [("mem_bias", 6)]
+    assert late_endpoints(rep, 8.0) == {"period_ns": 8.0, "endpoints": 0, "components": []}
+
+
+def test_late_endpoints_edges():
+    """An arrival equal to the period is not late; a plain number delay counts like the
+    latest of a pair; a report without detailed timings gives None (old cached runs)."""
+    rep = {"detailed_net_timings": [
+        {"net": "n", "endpoints": [
+            {"cell": "engine.agen.x_TRELLIS_FF_Q", "port": "DI", "delay": [1.0, 5.0]},
+            {"cell": "engine.agen.y_TRELLIS_FF_Q", "port": "CE", "delay": [4.0, 5.001]},
+            {"cell": "mem_act.0.0", "port": "ADA3", "delay": 6.5}]}]}
+    late = late_endpoints(rep, 5.0)
+    assert late["endpoints"] == 2
+    assert late["components"] == [
+        {"component": "mem_act", "endpoints": 1, "worst_ns": 6.5,
+         "worst_endpoint": "mem_act.0.0.ADA3"},
+        {"component": "agen", "endpoints": 1, "worst_ns": 5.001,
+         "worst_endpoint": "engine.agen.y_TRELLIS_FF_Q.CE"}]
+    assert late_endpoints({"fmax": {}}, 5.0) is None
+    assert parse_nextpnr_report(json.loads((DATA / "nextpnr_act_report.json").read_text()))[
+        "late_endpoints"] is None
 
 
 def test_parse_nextpnr_log_takes_the_post_route_fmax():
@@ -252,6 +293,27 @@ def test_placer_timing_weight_reaches_nextpnr_and_the_cache_key(monkeypatch, tmp
     assert len(calls) == 2
     assert "--placer-heap-timingweight 25" in calls[0]
     assert "--placer-heap-timingweight 10" in calls[1]
+
+
+def test_late_endpoints_reach_the_result_and_the_report(monkeypatch, tmp_path, stub_emit):
+    """nextpnr is asked for detailed timings; the flow result and fpga.md count the late
+    endpoints per component, and the cached report.json drops the bulky per-net timings."""
+    _fake_tools(monkeypatch, tmp_path,
+                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
+                f'echo "$@" >> {tmp_path / "args.txt"}; '
+                f'cp {DATA / "nextpnr_16x16_seed2_late.json"} report.json; '
+                f'cp {DATA / "nextpnr_pe4_shallow.log"} nextpnr.log')
+    res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=tmp_path / "cache"))
+    assert "--detailed-timing-report" in (tmp_path / "args.txt").read_text()
+    assert res["late_endpoints"]["endpoints"] == 29
+    assert res["late_endpoints"]["components"][0]["component"] == "mem_bias"
+    cached = json.loads((Path(res["work_dir"]) / "report.json").read_text())
+    assert "detailed_net_timings" not in cached and cached["fmax"]["clk"]["constraint"] == 150
+    md = fpga_markdown(fpga_dict(res, None))
+    assert ("29 register and memory inputs arrive after the 6.67 ns period; by component: "
+            "mem_bias 6 (worst 7.64 ns), rqa0 10 (worst 7.06 ns)") in md
+    again = run_flow(TINY, FpgaOptions(memories="none", cache_dir=tmp_path / "cache"))
+    assert again["cached"] and again["late_endpoints"] == res["late_endpoints"]
 
 
 def _abc9_trips_unless(marker: str) -> str:
