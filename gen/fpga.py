@@ -1088,6 +1088,9 @@ def fpga_markdown(fd: Mapping[str, Any]) -> str:
                               for c in late["components"])
             lines.append(f"{late['endpoints']:,} register and memory inputs arrive after the "
                          f"{late['period_ns']:.2f} ns period; by component: {worst}.")
+        elif late:
+            lines.append(f"No register or memory input arrives after the "
+                         f"{late['period_ns']:.2f} ns period.")
         lines.append("")
     need = fd.get("memory_need")
     if need:

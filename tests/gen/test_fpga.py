@@ -314,6 +314,10 @@ def test_late_endpoints_reach_the_result_and_the_report(monkeypatch, tmp_path, s
             "mem_bias 6 (worst 7.64 ns), rqa0 10 (worst 7.06 ns)") in md
     again = run_flow(TINY, FpgaOptions(memories="none", cache_dir=tmp_path / "cache"))
     assert again["cached"] and again["late_endpoints"] == res["late_endpoints"]
+    met = dict(res, late_endpoints={"period_ns": 6.667, "endpoints": 0, "components": []})
+    assert "No register or memory input arrives after the 6.67 ns period." in fpga_markdown(
+        fpga_dict(met, None))
+    assert "arrive after" not in fpga_markdown(fpga_dict(dict(res, late_endpoints=None), None))
 
 
 def _abc9_trips_unless(marker: str) -> str:
