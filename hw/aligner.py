@@ -41,13 +41,9 @@ class Aligner(wiring.Component):
     LATENCY = 1
 
     def __init__(self, *, in_width: int, max_shift: int, stages: int = 1):
-        try:
-            self._in_width = check_int("in_width", in_width, 1)
-            self._max_shift = check_int("max_shift", max_shift, 0)
-            self._stages = check_int("stages", stages, 1, 2)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True   # refused: no "never used" warning at collection
-            raise
+        self._in_width = check_int("in_width", in_width, 1)
+        self._max_shift = check_int("max_shift", max_shift, 0)
+        self._stages = check_int("stages", stages, 1, 2)
         super().__init__({
             "i": In(signed(self._in_width)),
             "d": In(unsigned(bits_for(self._max_shift))),

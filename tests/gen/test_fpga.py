@@ -228,6 +228,16 @@ def _fake_tools(monkeypatch, tmp_path, yosys_body, nextpnr_body):
     monkeypatch.setattr(fpga, "find_tool", lambda name: str(bins / name))
 
 
+def _fake_working_tools(monkeypatch, tmp_path, report="nextpnr_act_report.json"):
+    """yosys and nextpnr that succeed with captured outputs (nextpnr's JSON report from
+    ``report`` in tests/gen/data); nextpnr appends its command line to ``args.txt``."""
+    _fake_tools(monkeypatch, tmp_path,
+                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
+                f'echo "$@" >> {tmp_path / "args.txt"}; '
+                f'cp {DATA / report} report.json; '
+                f'cp {DATA / "nextpnr_pe4_shallow.log"} nextpnr.log')
+
+
 def test_failing_synthesis_is_recorded(monkeypatch, tmp_path, stub_emit):
     _fake_tools(monkeypatch, tmp_path, 'echo "ERROR: synthetic yosys failure" >&2; exit 3',
                 "exit 0")
@@ -259,10 +269,7 @@ def test_failing_place_and_route_is_recorded(monkeypatch, tmp_path, stub_emit):
 
 
 def test_flow_plumbing_with_fake_tools_and_cache(monkeypatch, tmp_path, stub_emit):
-    _fake_tools(monkeypatch, tmp_path,
-                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
-                f'cp {DATA / "nextpnr_act_report.json"} report.json; '
-                f'cp {DATA / "nextpnr_pe4_shallow.log"} nextpnr.log')
+    _fake_working_tools(monkeypatch, tmp_path)
     opts = FpgaOptions(memories="none", cache_dir=tmp_path / "cache")
     res = run_flow(TINY, opts)
     assert res["ok"] and not res["cached"]
@@ -279,11 +286,7 @@ def test_placer_timing_weight_reaches_nextpnr_and_the_cache_key(monkeypatch, tmp
     """nextpnr gets ``--placer-heap-timingweight`` from the options (25 by default, where
     nextpnr's own 10 let the address generator spread), and a run with another weight is
     another cache entry, not a hit."""
-    _fake_tools(monkeypatch, tmp_path,
-                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
-                f'echo "$@" >> {tmp_path / "args.txt"}; '
-                f'cp {DATA / "nextpnr_act_report.json"} report.json; '
-                f'cp {DATA / "nextpnr_pe4_shallow.log"} nextpnr.log')
+    _fake_working_tools(monkeypatch, tmp_path)
     res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=tmp_path / "cache"))
     assert res["timing_weight"] == 25
     res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=tmp_path / "cache",
@@ -298,11 +301,7 @@ def test_placer_timing_weight_reaches_nextpnr_and_the_cache_key(monkeypatch, tmp
 def test_late_endpoints_reach_the_result_and_the_report(monkeypatch, tmp_path, stub_emit):
     """nextpnr is asked for detailed timings; the flow result and fpga.md count the late
     endpoints per component, and the cached report.json drops the bulky per-net timings."""
-    _fake_tools(monkeypatch, tmp_path,
-                f'cp {DATA / "yosys_pe4_shallow.log"} yosys.log; echo "{{}}" > synth.json',
-                f'echo "$@" >> {tmp_path / "args.txt"}; '
-                f'cp {DATA / "nextpnr_16x16_seed2_late.json"} report.json; '
-                f'cp {DATA / "nextpnr_pe4_shallow.log"} nextpnr.log')
+    _fake_working_tools(monkeypatch, tmp_path, "nextpnr_16x16_seed2_late.json")
     res = run_flow(TINY, FpgaOptions(memories="none", cache_dir=tmp_path / "cache"))
     assert "--detailed-timing-report" in (tmp_path / "args.txt").read_text()
     assert res["late_endpoints"]["endpoints"] == 29
